@@ -1,0 +1,361 @@
+"""Fill pass: the merged model's weights.
+
+- Weight nodes (Linear, groups=1 convolutions) solve, in closed form from the statistics,
+  W = argmin E||W M_in [x_A; x_B; 1] - M_out [y_A; y_B]||^2 + lam ||W - W0||^2, where y is the
+  node's output after an eval-mode BatchNorm that directly follows it (folded into the
+  target) and W0 = M_out blkdiag(W_A, W_B) U_in is the permute-and-average weight. Pulling the
+  ridge towards W0 rather than 0 keeps the solution exact wherever W0 already is exact (budget 2,
+  self-merge) and falls back to it in directions the data never excited.
+- Depthwise convolutions and other per-channel parameters are mapped through M (BatchNorm
+  folded first), every other tensor through M on its feature axes and U on contracted axes.
+
+`plan_least_squares` decides which nodes are solved; `fill` writes the values into a widened
+module (from passes/widen.py) for one set of group plans.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pleas_fx.ir import AxisMap, GroupPlan, GroupSpec, LeastSquaresNode, axis_map
+from passes.statistics import Statistics
+from passes.trace import getattr_path
+
+log = logging.getLogger(__name__)
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _following_batchnorm(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        mod = gm.get_submodule(users[0].target)
+        if isinstance(mod, BATCHNORMS) and mod.track_running_stats and mod.affine and users[0].args[0] is node:
+            return users[0].target
+    return None
+
+
+def _pair(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def plan_least_squares(gm: fx.GraphModule, spec: GroupSpec, max_dim: int) -> tuple[list[LeastSquaresNode], list[str]]:
+    """The weight nodes solved by least squares, and notes on the ones that are not."""
+    nodes, notes = [], []
+    seen_modules: set[str] = set()
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Linear):
+            probe = LeastSquaresNode(node.name, node.target, "linear", norm=_following_batchnorm(gm, node))
+            in_dim = mod.in_features
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == 1:
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str) and mod.padding != "valid":
+                if mod.padding != "same" or mod.padding_mode != "zeros":
+                    notes.append(f"{node.target}: padding mode {mod.padding_mode!r} is mapped, not solved")
+                    continue
+            n = 1 if isinstance(mod, nn.Conv1d) else 2
+            kernel = _pair(mod.kernel_size, n)
+            dilation = _pair(mod.dilation, n)
+            if mod.padding == "same":
+                padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+                if any(k % 2 == 0 for k in kernel):
+                    notes.append(f"{node.target}: 'same' padding with an even kernel is mapped, not solved")
+                    continue
+            elif mod.padding == "valid":
+                padding = (0,) * n
+            else:
+                padding = _pair(mod.padding, n)
+            stride = _pair(mod.stride, n)
+            if n == 1:
+                kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+            probe = LeastSquaresNode(node.name, node.target, "conv", kernel, stride, padding, dilation,
+                                     _following_batchnorm(gm, node))
+            in_dim = mod.in_channels * probe.taps
+        else:
+            continue
+        if calls[node.target] > 1 or node.target in seen_modules:
+            notes.append(f"{node.target}: module called more than once is mapped, not solved")
+            continue
+        if 2 * in_dim + 1 > max_dim:
+            notes.append(f"{node.target}: {2 * in_dim + 1} stacked inputs exceed max_ls_dim={max_dim}; mapped, not solved")
+            continue
+        seen_modules.add(node.target)
+        nodes.append(probe)
+    return nodes, notes
+
+
+# --------------------------------------------------------------------------- mapping through M
+def _index(t: torch.Tensor, axis: int, idx: np.ndarray) -> torch.Tensor:
+    return t.index_select(axis, torch.as_tensor(np.maximum(idx, 0), device=t.device))
+
+
+def _along(w: np.ndarray, axis: int, ndim: int, like: torch.Tensor) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return torch.as_tensor(w, dtype=like.dtype, device=like.device).reshape(shape)
+
+
+def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: list[str]) -> torch.Tensor:
+    """Merge two tensors axis by axis: M (average merged pairs) on the first feature axis,
+    U (copy) on every other non-frozen axis; all-frozen tensors are averaged."""
+    ta, tb = ta.double(), tb.double()
+    primary = next((i for i, (m, r) in enumerate(zip(maps, roles)) if r == "out" and not m.frozen), None)
+    if primary is None:
+        primary = next((i for i, r in enumerate(roles) if r == "out"), None)
+    out = None
+    for side, t in ((0, ta), (1, tb)):
+        for axis, m in enumerate(maps):
+            idx = m.idx_a if side == 0 else m.idx_b
+            t = _index(t, axis, idx)
+            if axis == primary:
+                w = m.weights()[side]
+            elif not m.frozen:
+                w = m.presence()[side]
+            else:
+                continue
+            t = t * _along(w, axis, t.dim(), t)
+        if primary is None:
+            t = 0.5 * t
+        out = t if out is None else out + t
+    return out
+
+
+class _Filler:
+    def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge):
+        self.merged, self.gm_a, self.gm_b, self.spec = merged, gm_a, gm_b, spec
+        self.plans, self.stats, self.ridge = plans, stats, ridge
+        self.frozen = {g.id for g in spec.groups.values() if g.frozen}
+        self.done: set[str] = set()
+        self.notes: list[str] = []
+
+    def amap(self, name: str, axis: int, inner: int = 1) -> AxisMap:
+        return axis_map(self.spec.param_layouts[name][axis], self.plans, self.frozen, inner)
+
+    def source(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr_path(self.gm_a, name).detach(), getattr_path(self.gm_b, name).detach()
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        target = getattr_path(self.merged, name)
+        if tuple(value.shape) != tuple(target.shape):
+            raise RuntimeError(f"internal error: {name} filled with shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        target.data.copy_(value.to(target.dtype))
+        self.done.add(name)
+
+    def zip_param(self, name: str) -> torch.Tensor:
+        ta, tb = self.source(name)
+        layouts = self.spec.param_layouts[name]
+        maps = [axis_map(lay, self.plans, self.frozen) for lay in layouts]
+        return zip_tensors(ta, tb, maps, self.spec.param_roles[name])
+
+    def zip_values(self, va: torch.Tensor, vb: torch.Tensor, amap: AxisMap) -> torch.Tensor:
+        return zip_tensors(va.double(), vb.double(), [amap], ["out"])
+
+    # -- BatchNorm helpers
+    def bn_affine(self, bn: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Per side: (scale, shift) of the eval-mode BatchNorm as y = scale * x + shift."""
+        out = []
+        for gm in (self.gm_a, self.gm_b):
+            m = gm.get_submodule(bn)
+            var, mean = m.running_var.double(), m.running_mean.double()
+            w = m.weight.detach().double() if m.weight is not None else torch.ones_like(var)
+            b = m.bias.detach().double() if m.bias is not None else torch.zeros_like(var)
+            scale = w / torch.sqrt(var + m.eps)
+            out.append((scale, b - scale * mean))
+        return out[0], out[1]
+
+    def write_conv_bn(self, bn: str, weight_name: str, bias_name: str | None, a_w, a_b, r, mean, var) -> None:
+        """Write the merged affine map x -> a_w x + a_b as conv (weight r*a_w) + BatchNorm with
+        running statistics (mean, var); the pair computes exactly a_w x + a_b in eval mode."""
+        m = self.merged.get_submodule(bn)
+        var = var.clamp_min(0)
+        shape = getattr_path(self.merged, weight_name).shape
+        self.write(weight_name, (r.reshape(-1, *[1] * (a_w.dim() - 1)) * a_w).reshape(shape))
+        if bias_name is not None:
+            self.write(bias_name, torch.zeros_like(a_b))
+        gamma = torch.sqrt(var + m.eps) / r
+        if m.weight is None or m.bias is None:  # no affine to absorb the map: keep statistics exact
+            raise RuntimeError(f"BatchNorm {bn} without affine parameters cannot be folded")
+        self.write(f"{bn}.running_mean", mean)
+        self.write(f"{bn}.running_var", var)
+        self.write(f"{bn}.weight", gamma)
+        self.write(f"{bn}.bias", a_b + mean / r)
+
+    @staticmethod
+    def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
+        inv = 1.0 / scale
+        return torch.where(torch.isfinite(inv) & (scale.abs() > 1e-12), inv, torch.ones_like(inv))
+
+    # -- least squares
+    def least_squares(self, probe: LeastSquaresNode) -> None:
+        wname = f"{probe.module}.weight"
+        bname = f"{probe.module}.bias" if getattr(self.gm_a.get_submodule(probe.module), "bias", None) is not None else None
+        wa, wb = (t.double().reshape(t.shape[0], -1) for t in self.source(wname))
+        ba, bb = self.source(bname) if bname else (torch.zeros(wa.shape[0], dtype=wa.dtype),) * 2
+        ba, bb = ba.double().to(wa.device), bb.double().to(wa.device)
+        norm = probe.norm
+        if norm:
+            (sa, ha), (sb, hb) = self.bn_affine(norm)
+            wa, wb = sa[:, None] * wa, sb[:, None] * wb
+            ba, bb = sa * ba + ha, sb * bb + hb
+        has_bias = bname is not None or norm is not None
+
+        out_map = self.amap(wname, 0)
+        in_map = self.amap(wname, 1, inner=probe.taps)
+        moments = self.stats.least_squares[probe.node]
+        S = moments.mean()
+        din = wa.shape[1]
+        # E[y_s s^T] for each side, rows = that side's (folded) outputs.
+        ya = torch.cat([wa, ba[:, None]], 1) @ S[torch.cat([torch.arange(din), torch.tensor([2 * din])]).to(S.device)]
+        yb = torch.cat([wb, bb[:, None]], 1) @ S[torch.arange(din, 2 * din + 1).to(S.device)]
+        R = self.zip_values(ya, yb, out_map)  # (m_out, D): rows mapped through M_out
+        R = self._merge_stacked(R, in_map, din, axis=1)  # (m_out, m_in + 1)
+        G = self._merge_stacked(self._merge_stacked(S, in_map, din, axis=0), in_map, din, axis=1)
+        w_a, w_b = in_map.presence()
+        wa_full = torch.cat([wa, ba[:, None]], 1)
+        wb_full = torch.cat([wb, bb[:, None]], 1)
+        maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
+        W0 = zip_tensors(wa_full, wb_full, maps0, ["out", "in"])
+        if not has_bias:
+            G, R, W0 = G[:-1, :-1], R[:, :-1], W0[:, :-1]
+        W = self._solve_structured(G, R, W0, has_bias, probe.module, out_map, in_map)
+        a_w = W[:, :-1] if has_bias else W
+        a_b = W[:, -1] if has_bias else None
+        shape = getattr_path(self.merged, wname).shape
+        if norm:
+            (sa, _), (sb, _) = self.bn_affine(norm)
+            r = self.zip_values(self.safe_inverse(sa), self.safe_inverse(sb), out_map)
+            mean_x = G[:-1, -1]
+            mean_lin = a_w @ mean_x
+            var_lin = ((a_w @ G[:-1, :-1]) * a_w).sum(1) - mean_lin**2
+            self.write_conv_bn(norm, wname, bname, a_w, a_b, r, r * mean_lin, r * r * var_lin)
+        else:
+            self.write(wname, a_w.reshape(shape))
+            if bname:
+                self.write(bname, a_b)
+
+    @staticmethod
+    def _merge_stacked(T: torch.Tensor, m: AxisMap, din: int, axis: int) -> torch.Tensor:
+        """Apply M_in (plus the constant entry) to the stacked axis [A entries; B entries; 1]."""
+        w_a, w_b = m.weights()
+        ta = _index(T, axis, m.idx_a) * _along(w_a, axis, T.dim(), T)
+        tb = _index(T, axis, din + np.maximum(m.idx_b, 0)) * _along(w_b, axis, T.dim(), T)
+        const = T.narrow(axis, 2 * din, 1)
+        return torch.cat([ta + tb, const], dim=axis)
+
+    def _solve_structured(self, G, R, W0, has_bias, where, out_map: AxisMap, in_map: AxisMap):
+        """Solve row blocks separately so A-only outputs read only inputs A has (shared or
+        A-only) and B-only outputs only inputs B has: the cross blocks stay exactly zero."""
+        in_a, in_b = in_map.idx_a >= 0, in_map.idx_b >= 0
+        if has_bias:
+            in_a, in_b = np.append(in_a, True), np.append(in_b, True)
+        out_a, out_b = out_map.idx_a >= 0, out_map.idx_b >= 0
+        W = torch.zeros_like(W0)
+        for rows, cols in ((out_a & out_b, np.ones_like(in_a)), (out_a & ~out_b, in_a), (~out_a & out_b, in_b)):
+            if not rows.any():
+                continue
+            r = torch.as_tensor(np.flatnonzero(rows), device=W.device)
+            c = torch.as_tensor(np.flatnonzero(cols), device=W.device)
+            W[r[:, None], c[None, :]] = self._solve(G[c][:, c], R[r][:, c], W0[r][:, c], has_bias, where)
+        return W
+
+    def _solve(self, G, R, W0, has_bias, where):
+        n = G.shape[0]
+        diag = torch.diagonal(G)[: n - 1 if has_bias else n]
+        scale = float(diag.mean()) if diag.numel() else 1.0
+        reg = torch.ones(n, dtype=G.dtype, device=G.device)
+        if has_bias:
+            reg[-1] = 0.0
+        lam = self.ridge * max(scale, 1e-12)
+        for _ in range(8):
+            A = G + torch.diag(lam * reg)
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                rhs = (R + lam * W0 * reg[None, :]).T
+                return torch.cholesky_solve(rhs, L).T
+            lam *= 10.0
+        self.notes.append(f"{where}: least squares ill-conditioned; used the mapped weights")
+        return W0
+
+    # -- per-channel nodes
+    def depthwise(self, conv: str, bn: str | None) -> None:
+        wname, bname = f"{conv}.weight", f"{conv}.bias"
+        has_bias = getattr(self.gm_a.get_submodule(conv), "bias", None) is not None
+        amap = self.amap(wname, 0)
+        ka, kb = (t.double() for t in self.source(wname))
+        ba, bb = self.source(bname) if has_bias else (torch.zeros(ka.shape[0], dtype=ka.dtype, device=ka.device),) * 2
+        ba, bb = ba.double(), bb.double()
+        if bn is None:
+            self.write(wname, self.zip_values(ka, kb, amap))
+            if has_bias:
+                self.write(bname, self.zip_values(ba, bb, amap))
+            return
+        (sa, ha), (sb, hb) = self.bn_affine(bn)
+        view = (-1,) + (1,) * (ka.dim() - 1)
+        kernel = self.zip_values(sa.reshape(view) * ka, sb.reshape(view) * kb, amap)
+        shift = self.zip_values(sa * ba + ha, sb * bb + hb, amap)
+        r = self.zip_values(self.safe_inverse(sa), self.safe_inverse(sb), amap)
+        mean = self.zip_param(f"{bn}.running_mean")
+        var = self.zip_param(f"{bn}.running_var")
+        self.write_conv_bn(bn, wname, bname if has_bias else None, kernel, shift, r, mean, var)
+
+    def batchnorm(self, bn: str) -> None:
+        """A BatchNorm not folded into a weight node: merge its affine form, keep averaged stats."""
+        m = self.merged.get_submodule(bn)
+        amap = self.amap(f"{bn}.running_mean", 0)
+        (sa, ha), (sb, hb) = self.bn_affine(bn)
+        scale, shift = self.zip_values(sa, sb, amap), self.zip_values(ha, hb, amap)
+        mean, var = self.zip_param(f"{bn}.running_mean"), self.zip_param(f"{bn}.running_var")
+        self.write(f"{bn}.running_mean", mean)
+        self.write(f"{bn}.running_var", var)
+        if m.weight is not None:
+            self.write(f"{bn}.weight", scale * torch.sqrt(var + m.eps))
+            self.write(f"{bn}.bias", shift + scale * mean)
+
+
+def fill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, spec: GroupSpec,
+         plans: dict[int, GroupPlan], probes: list[LeastSquaresNode], stats: Statistics | None,
+         ridge: float = 1e-4) -> list[str]:
+    """Write every parameter and buffer of the widened `merged`; returns notes on fallbacks."""
+    f = _Filler(merged, gm_a, gm_b, spec, plans, stats, ridge)
+    with torch.no_grad():
+        folded = set()
+        for probe in probes:
+            if stats is not None and probe.node in stats.least_squares:
+                f.least_squares(probe)
+                if probe.norm:
+                    folded.add(probe.norm)
+        for node in gm_a.graph.nodes:
+            if node.op != "call_module":
+                continue
+            mod = gm_a.get_submodule(node.target)
+            if (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
+                    and mod.groups == mod.in_channels == mod.out_channels and f"{node.target}.weight" not in f.done):
+                bn = _following_batchnorm(gm_a, node)
+                f.depthwise(node.target, bn)
+                if bn:
+                    folded.add(bn)
+            elif isinstance(mod, BATCHNORMS) and mod.track_running_stats and node.target not in folded \
+                    and f"{node.target}.running_mean" not in f.done:
+                f.batchnorm(node.target)
+        for name in spec.param_layouts:
+            if name in f.done:
+                continue
+            value = getattr_path(gm_a, name)
+            if not torch.is_tensor(value):
+                continue
+            if not value.is_floating_point():  # integer buffers (counters, indices) are A's
+                if value.shape == getattr_path(merged, name).shape:
+                    f.write(name, value.clone())
+                continue
+            f.write(name, f.zip_param(name))
+    return f.notes

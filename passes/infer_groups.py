@@ -1,0 +1,269 @@
+"""Group inference pass: which tensor and parameter axes must share a permutation.
+
+Every axis gets a layout over union-find variables; each node's handler (passes/registry.py)
+links the axes its op couples. Fail-closed: a node without a handler freezes every axis it
+touches, with the reason recorded, so no unknown op is ever silently permuted through.
+The pass reads the graph and returns a GroupSpec; it never changes the module.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from pleas_fx.ir import Group, GroupSpec, Layout, ParamAxis, Segment, Site
+from passes import handlers as _standard_handlers  # noqa: F401  (registers the built-in handlers)
+from passes.layout_ops import TupleLayouts
+from passes.registry import describe_op, lookup_handler
+from passes.trace import getattr_path, node_shape
+
+log = logging.getLogger(__name__)
+
+# Reasons that describe an axis no merge could ever permute (not a limitation of pleas_fx).
+STRUCTURAL = ("network input", "network output", "batch", "spatial", "kernel", "size-1", "vocabulary", "constant")
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.frozen: list[bool] = []
+        self.reasons: dict[int, list[str]] = {}
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        self.frozen.append(False)
+        return len(self.parent) - 1
+
+    def find(self, v: int) -> int:
+        root = v
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[v] != root:
+            self.parent[v], v = root, self.parent[v]
+        return root
+
+    def freeze(self, v: int, reason: str) -> None:
+        r = self.find(v)
+        if not self.frozen[r] or reason not in self.reasons.get(r, []):
+            self.reasons.setdefault(r, []).append(reason)
+        self.frozen[r] = True
+
+    def union(self, a: int, b: int) -> bool:
+        """Merge the classes of a and b; False (nothing merged) if their sizes differ."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return True
+        if self.size[ra] != self.size[rb]:
+            return False
+        self.parent[rb] = ra
+        self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
+        self.reasons.setdefault(ra, []).extend(self.reasons.pop(rb, []))
+        return True
+
+
+class InferenceContext:
+    """What a handler sees: layouts of the node's inputs, shapes, and ways to link axes."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = UnionFind()
+        self.values: dict[str, Any] = {}
+        self.param_layouts: dict[str, list[Layout]] = {}
+        self.param_roles: dict[str, list[str]] = {}
+        self.node: fx.Node | None = None
+
+    # -- reading
+    def layouts(self, arg: Any) -> Any:
+        """Layouts of an argument: list per dim for a tensor node, None for non-tensors."""
+        return self.values.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    def is_tensor(self, arg: Any) -> bool:
+        lay = self.layouts(arg)
+        return lay is not None and not isinstance(lay, TupleLayouts)
+
+    def shape(self, arg: Any = None) -> Any:
+        """Output shape of `arg` (default: the current node)."""
+        return node_shape(self.node if arg is None else arg)
+
+    def module(self, node: fx.Node | None = None) -> torch.nn.Module:
+        return self.gm.get_submodule((node or self.node).target)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """Positional-or-keyword argument of the current node."""
+        node = self.node
+        if len(node.args) > index:
+            return node.args[index]
+        return node.kwargs.get(name, default)
+
+    def is_frozen(self, layout: Layout) -> bool:
+        return all(self.uf.frozen[self.uf.find(s.group)] for s in layout)
+
+    def where(self) -> str:
+        return f"{self.node.name} ({describe_op(self.node, self.gm)})"
+
+    # -- making and linking axes
+    def fresh(self, size: int, frozen_reason: str | None = None) -> Layout:
+        var = self.uf.new(size)
+        if frozen_reason:
+            self.uf.freeze(var, frozen_reason)
+        return (Segment(var, int(size)),)
+
+    def fresh_like(self, shape: Any, frozen_reason: str) -> Any:
+        """Frozen layouts for a value of `shape` (torch.Size, list of those, or None)."""
+        if shape is None:
+            return None
+        if isinstance(shape, list):
+            return TupleLayouts(self.fresh_like(s, frozen_reason) for s in shape)
+        return [self.fresh(n, frozen_reason if n != 1 else "size-1") for n in shape]
+
+    def freeze(self, layout: Any, reason: str) -> None:
+        """Freeze every group in a layout (or nested lists of layouts)."""
+        if layout is None:
+            return
+        if isinstance(layout, list):
+            for item in layout:
+                self.freeze(item, reason)
+            return
+        for seg in layout:
+            self.uf.freeze(seg.group, reason)
+
+    def unify(self, a: Layout, b: Layout) -> Layout:
+        """Make two axes share their permutation; freeze both if their structure differs."""
+        same = len(a) == len(b) and all(
+            (x.size, x.inner, x.outer) == (y.size, y.inner, y.outer) for x, y in zip(a, b)
+        )
+        if same and all(self.uf.union(x.group, y.group) for x, y in zip(a, b)):
+            return a
+        reason = f"axes of different structure meet at {self.where()}"
+        self.freeze(a, reason)
+        self.freeze(b, reason)
+        return a if len(a) else b
+
+    def param(self, name: str, layouts: list[Layout], roles: list[str] | None = None) -> list[Layout]:
+        """Declare a parameter's (or buffer's) axes; a second declaration unifies with the first."""
+        roles = roles or ["out"] * len(layouts)
+        if name in self.param_layouts:
+            old = self.param_layouts[name]
+            layouts = [self.unify(o, n) for o, n in zip(old, layouts)]
+            roles = [("in" if "in" in (r0, r1) else "out") for r0, r1 in zip(self.param_roles[name], roles)]
+        self.param_layouts[name] = list(layouts)
+        self.param_roles[name] = list(roles)
+        return layouts
+
+    def set_role(self, arg: Any, axis: int, role: str) -> None:
+        """Mark an axis of a get_attr argument as contracted ("in") or feature ("out")."""
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target in self.param_roles:
+            self.param_roles[arg.target][axis] = role
+
+    def module_params(self, node: fx.Node | None = None) -> dict[str, torch.Tensor]:
+        """Qualified name -> tensor for the direct parameters and buffers of a module node."""
+        node = node or self.node
+        mod = self.module(node)
+        items = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        return {f"{node.target}.{n}": t for n, t in items if t is not None}
+
+
+def freeze_unknown(ctx: InferenceContext, node: fx.Node, reason: str) -> Any:
+    """The fail-closed fallback: freeze every input axis, module parameter and output axis."""
+    for arg in node.all_input_nodes:
+        ctx.freeze(ctx.layouts(arg), reason)
+    if node.op == "call_module":
+        for name, tensor in ctx.module_params(node).items():
+            ctx.param(name, [ctx.fresh(n, reason) for n in tensor.shape])
+    return ctx.fresh_like(ctx.shape(), reason)
+
+
+def infer_groups(gm: fx.GraphModule) -> GroupSpec:
+    """Run every node's handler over a shape-propagated graph and collect the groups."""
+    ctx = InferenceContext(gm)
+    frozen_reasons: list[tuple[str, str]] = []
+    for node in gm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            out = ctx.fresh_like(ctx.shape(), "network input")
+        elif node.op == "output":
+            ctx.freeze([ctx.layouts(a) for a in node.all_input_nodes], "network output")
+            out = None
+        elif node.op == "get_attr":
+            value = getattr_path(gm, node.target)
+            if torch.is_tensor(value):
+                known = ctx.param_layouts.get(node.target)
+                out = known or ctx.param(node.target, [ctx.fresh(n) for n in value.shape])
+                out = list(out)
+            else:
+                out = None
+        else:
+            handler = lookup_handler(node, gm)
+            if handler is None:
+                reason = f"no handler for {describe_op(node, gm)}"
+                out = freeze_unknown(ctx, node, reason)
+                if any(ctx.is_tensor(a) for a in node.all_input_nodes):
+                    frozen_reasons.append((node.name, reason))
+            else:
+                out = handler(ctx, node)
+        ctx.values[node.name] = out
+
+    # Parameters never read by the graph keep their shape: freeze them.
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in ctx.param_layouts:
+            ctx.param(name, [ctx.fresh(n, "not used by the traced graph") for n in tensor.shape])
+    return _collect(ctx, gm, frozen_reasons)
+
+
+def _resolve(ctx: InferenceContext, layout: Layout) -> Layout:
+    return tuple(Segment(ctx.uf.find(s.group), s.size, s.inner, s.outer) for s in layout)
+
+
+def _resolve_value(ctx: InferenceContext, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, TupleLayouts):
+        return [_resolve_value(ctx, v) for v in value]
+    return [_resolve(ctx, lay) for lay in value]
+
+
+def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> GroupSpec:
+    uf = ctx.uf
+    groups: dict[int, Group] = {}
+
+    def group(root: int) -> Group:
+        if root not in groups:
+            groups[root] = Group(root, uf.size[root], uf.frozen[root], list(dict.fromkeys(uf.reasons.get(root, []))))
+        return groups[root]
+
+    param_layouts = {n: [_resolve(ctx, lay) for lay in lays] for n, lays in ctx.param_layouts.items()}
+    for name, lays in param_layouts.items():
+        for axis, lay in enumerate(lays):
+            for seg in lay:
+                group(seg.group).params.append(ParamAxis(name, axis, lay, ctx.param_roles[name][axis]))
+    node_layouts = {name: _resolve_value(ctx, v) for name, v in ctx.values.items()}
+
+    def register(value: Any) -> None:
+        for item in value or ():
+            if isinstance(item, list) or item is None:
+                register(item)
+            else:
+                for seg in item:
+                    group(seg.group)
+
+    for value in node_layouts.values():
+        register(value)
+    for node in gm.graph.nodes:
+        value = node_layouts.get(node.name)
+        if node.op in ("placeholder", "get_attr", "output") or not value or isinstance(ctx.values[node.name], TupleLayouts):
+            continue
+        for axis, lay in enumerate(value):
+            if len(lay) == 1 and lay[0].inner == lay[0].outer == 1 and not groups[lay[0].group].frozen:
+                groups[lay[0].group].sites.append(Site(node.name, axis))
+    # Frozen reasons worth reporting: limitations, not axes that can never be permuted.
+    limitations = [(w, r) for w, r in frozen_reasons]
+    for g in groups.values():
+        if g.frozen:
+            for r in g.reasons:
+                if not r.startswith(STRUCTURAL) and all(r != x for _, x in limitations):
+                    limitations.append((f"group {g.id}", r))
+    return GroupSpec(groups, param_layouts, {n: list(r) for n, r in ctx.param_roles.items()}, node_layouts, limitations)

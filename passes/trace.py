@@ -1,0 +1,136 @@
+"""Trace pass: torch.fx traces of both models, checked to be the same architecture, with
+every node's output shape from shape propagation of the example input.
+
+The models are deep-copied before tracing (symbolic_trace shares submodules with the
+model it traces), so nothing downstream can touch the user's models.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from pleas_fx.errors import ArchitectureMismatchError, TraceError, WeightError
+
+
+@dataclass
+class TracedPair:
+    gm_a: fx.GraphModule
+    gm_b: fx.GraphModule
+    example_args: tuple
+
+
+def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
+    """A traced, eval-mode deep copy of `model`."""
+    if isinstance(model, fx.GraphModule):
+        gm = copy.deepcopy(model)
+    else:
+        if not isinstance(model, torch.nn.Module):
+            raise TraceError(f"{label} is a {type(model).__name__}, not a torch.nn.Module")
+        try:
+            gm = fx.symbolic_trace(copy.deepcopy(model))
+        except Exception as exc:  # torch.fx raises many kinds here
+            raise TraceError(
+                f"{label} ({type(model).__name__}) could not be traced by torch.fx: "
+                f"{type(exc).__name__}: {exc}. Data-dependent Python control flow is the usual "
+                "cause; make that code a leaf module or rewrite it without branching on tensors."
+            ) from exc
+    return gm.eval()
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"call_module {node.target} = {gm.get_submodule(node.target)!r}"
+    target = getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target}"
+
+
+def _signature(gm: fx.GraphModule, node: fx.Node) -> Any:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return (node.op, type(mod), repr(mod))
+    if node.op == "get_attr":
+        value = getattr_path(gm, node.target)
+        return (node.op, node.target, tuple(value.shape) if torch.is_tensor(value) else type(value))
+    return (node.op, node.target)
+
+
+def getattr_path(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_same_architecture(gm_a: fx.GraphModule, gm_b: fx.GraphModule) -> None:
+    """Raise ArchitectureMismatchError naming the first differing node or parameter."""
+    nodes_a, nodes_b = list(gm_a.graph.nodes), list(gm_b.graph.nodes)
+    for na, nb in zip(nodes_a, nodes_b):
+        if _signature(gm_a, na) != _signature(gm_b, nb) or na.name != nb.name:
+            raise ArchitectureMismatchError(
+                f"model_a and model_b differ at node '{na.name}': "
+                f"{_describe(gm_a, na)}  vs  {_describe(gm_b, nb)}"
+            )
+    if len(nodes_a) != len(nodes_b):
+        longer, which = (nodes_a, "model_a") if len(nodes_a) > len(nodes_b) else (nodes_b, "model_b")
+        extra = longer[min(len(nodes_a), len(nodes_b))]
+        raise ArchitectureMismatchError(
+            f"model_a has {len(nodes_a)} graph nodes and model_b {len(nodes_b)}; "
+            f"{which} continues with '{extra.name}'"
+        )
+    params_a = {n: tuple(p.shape) for n, p in gm_a.state_dict().items()}
+    params_b = {n: tuple(p.shape) for n, p in gm_b.state_dict().items()}
+    for name in params_a.keys() | params_b.keys():
+        if params_a.get(name) != params_b.get(name):
+            raise ArchitectureMismatchError(
+                f"parameter '{name}' has shape {params_a.get(name)} in model_a "
+                f"and {params_b.get(name)} in model_b"
+            )
+
+
+def check_finite(gm: fx.GraphModule, label: str) -> None:
+    for name, tensor in gm.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightError(f"{label} has {bad} non-finite values in '{name}'")
+
+
+def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
+    """Annotate node.meta['tensor_meta'] for every node (ShapeProp on the example input)."""
+    with torch.no_grad():
+        try:
+            ShapeProp(gm).propagate(*example_args)
+        except Exception as exc:
+            raise TraceError(
+                f"running the traced model on example_input failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def trace_pair(model_a, model_b, example_args: tuple) -> TracedPair:
+    gm_a, gm_b = trace_model(model_a, "model_a"), trace_model(model_b, "model_b")
+    check_same_architecture(gm_a, gm_b)
+    check_finite(gm_a, "model_a")
+    check_finite(gm_b, "model_b")
+    device = next((a.device for a in example_args if torch.is_tensor(a)), torch.device("cpu"))
+    gm_a.to(device)
+    gm_b.to(device)
+    propagate_shapes(gm_a, example_args)
+    return TracedPair(gm_a, gm_b, example_args)
+
+
+def node_shape(node: fx.Node) -> Any:
+    """torch.Size of a node's tensor output, a list of those for tuple outputs, else None."""
+    meta = node.meta.get("tensor_meta")
+
+    def convert(m):
+        if isinstance(m, TensorMetadata):
+            return m.shape
+        if isinstance(m, (list, tuple)):
+            return [convert(x) for x in m]
+        return None
+
+    return convert(meta)

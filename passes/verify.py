@@ -1,0 +1,79 @@
+"""Verification helpers: apply permutations allowed by a GroupSpec, count footprints, and
+check a merged model's outputs. Used by merge() and by the tests and tools."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from pleas_fx.ir import GroupPlan, GroupSpec, axis_map
+from passes.trace import getattr_path
+
+
+def random_permutations(spec: GroupSpec, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {g.id: rng.permutation(g.size) for g in spec.mergeable()}
+
+
+def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarray]) -> fx.GraphModule:
+    """A copy of `gm` whose every parameter and buffer axis is permuted by its groups'
+    permutations (new unit u = old unit perms[g][u]). Sound groups leave outputs unchanged."""
+    out = copy.deepcopy(gm)
+    plans = {g: GroupPlan(len(p), p, p) for g, p in perms.items()}
+    frozen = {g.id for g in spec.groups.values() if g.frozen or g.id not in perms}
+    with torch.no_grad():
+        for name, layouts in spec.param_layouts.items():
+            tensor = getattr_path(out, name)
+            if not torch.is_tensor(tensor):
+                continue
+            new = tensor
+            for axis, lay in enumerate(layouts):
+                if all(s.group in frozen for s in lay):
+                    continue
+                idx = torch.as_tensor(axis_map(lay, plans, frozen).idx_a, device=tensor.device)
+                new = new.index_select(axis, idx)
+            tensor.copy_(new)
+    return out
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected| over (nested) tensor outputs."""
+    a, e = _flat(actual), _flat(expected)
+    num = max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, e))
+    den = max(float(y.double().abs().max()) for y in e)
+    return num / max(den, 1e-30)
+
+
+def _flat(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat(v)]
+    return []
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Stored parameters (dense numel; buffers such as BatchNorm statistics are not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def structural_parameters(spec: GroupSpec, plans: dict[int, GroupPlan], names: list[str]) -> int:
+    """Parameters of a merged model that are not structurally zero, from the expanded plans:
+    an entry counts if one model has a feature on every axis of it (entries fed by A on all
+    axes, plus those fed by B on all axes, minus those fed by both on all axes)."""
+    frozen = {g.id for g in spec.groups.values() if g.frozen}
+    total = 0
+    for name in names:
+        on_a = on_b = on_both = 1
+        for lay in spec.param_layouts[name]:
+            m = axis_map(lay, plans, frozen)
+            has_a, has_b = m.idx_a >= 0, m.idx_b >= 0
+            on_a *= int(has_a.sum())
+            on_b *= int(has_b.sum())
+            on_both *= int((has_a & has_b).sum())
+        total += on_a + on_b - on_both
+    return total

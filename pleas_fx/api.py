@@ -1,0 +1,183 @@
+"""The public entry point: merge() composes the compiler passes."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from pleas_fx.data import as_args, checked_batches, generated_batches
+from pleas_fx.errors import BudgetError, PleasError
+from pleas_fx.ir import GroupPlan, GroupSpec
+from passes.allocate import Footprint, uniform_widths
+from passes.fill import fill, plan_least_squares
+from passes.infer_groups import infer_groups
+from passes.matching import activation_matching, weight_matching
+from passes.statistics import collect_statistics
+from passes.trace import propagate_shapes, trace_pair
+from passes.verify import count_parameters, structural_parameters
+from passes.widen import widen
+
+log = logging.getLogger("pleas_fx")
+
+
+class _Timer(dict):
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self[phase] = self.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _check_budget(budget: Any) -> list[float]:
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
+    if not budgets:
+        raise BudgetError("budget list is empty")
+    for b in budgets:
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or not 1.0 <= b <= 2.0:
+            raise BudgetError(
+                f"budget must be a number in [1, 2] (the merged model's parameters relative to one "
+                f"source model), got {b!r}"
+            )
+    return [float(b) for b in budgets]
+
+
+def merge(
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    example_input: Any,
+    budget: float | Sequence[float],
+    data: Iterable | None = None,
+    *,
+    matching: str | None = None,
+    max_batches: int | None = None,
+    generated_batches_count: int = 8,
+    ridge: float = 1e-4,
+    max_ls_dim: int = 10_000,
+    stats_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+    seed: int = 0,
+) -> fx.GraphModule | list[fx.GraphModule]:
+    """Merge two same-architecture models into one of `budget` x one model's parameters.
+
+    Args:
+        model_a, model_b: the source models (never modified).
+        example_input: a tensor (or tuple of tensors) the models accept; fixes shapes.
+        budget: in [1, 2]; 1 merges every feature pair, 2 keeps both models whole (the
+            ensemble). A list of budgets returns one merged model per budget from a single
+            statistics pass.
+        data: iterable of calibration batches (a tensor, or a tuple/list whose first
+            element is the input). None selects the data-free mode: weight matching and
+            least-squares statistics from generated inputs shaped like example_input.
+        matching: "activation" (default with data) or "weight" (Git Re-Basin, no data).
+        max_batches: use at most this many batches of `data`.
+        ridge: least-squares ridge, relative to the mean input second moment, pulling
+            towards the permute-and-average weights.
+        max_ls_dim: weight nodes whose stacked input is larger are mapped, not solved.
+        progress: tqdm progress bar for the data pass.
+
+    Returns:
+        An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
+        budget), with a report in `merged.meta["pleas_fx"]`.
+    """
+    budgets = _check_budget(budget)
+    matching = matching or ("activation" if data is not None else "weight")
+    if matching not in ("activation", "weight"):
+        raise PleasError(f"matching must be 'activation' or 'weight', got {matching!r}")
+    if matching == "activation" and data is None:
+        log.info("no data given: activation matching runs on generated inputs")
+    timer = _Timer()
+    example_args = as_args(example_input)
+
+    with timer("trace"):
+        pair = trace_pair(model_a, model_b, example_args)
+    gm_a, gm_b = pair.gm_a, pair.gm_b
+    with timer("infer_groups"):
+        spec = infer_groups(gm_a)
+    probes, notes = plan_least_squares(gm_a, spec, max_ls_dim)
+
+    if data is None:
+        batches: Iterable = generated_batches(example_args, max_batches or generated_batches_count, seed=seed)
+        total = len(batches)
+    else:
+        batches = checked_batches(data, example_args, max_batches)
+        total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
+    sites = [s for g in spec.mergeable() for s in g.sites] if matching == "activation" else []
+    with timer("statistics"):
+        stats = collect_statistics(gm_a, gm_b, batches, probes, sites, dtype=stats_dtype,
+                                   progress=progress, total=total)
+    with timer("matching"):
+        if matching == "activation":
+            match = activation_matching(spec, stats)
+        else:
+            match = weight_matching(spec, gm_a, gm_b, seed=seed)
+
+    parameter_names = [n for n, _ in gm_a.named_parameters()]
+    footprint = Footprint(spec, parameter_names)
+    results = []
+    for b in budgets:
+        t_budget = _Timer(timer)
+        with t_budget("allocate"):
+            widths = uniform_widths(spec, footprint, b)
+            plans = {
+                g.id: GroupPlan.from_matching(match.perm[g.id], match.pair_cost[g.id], 2 * g.size - widths[g.id])
+                for g in spec.mergeable()
+            }
+        with t_budget("widen"):
+            merged = widen(gm_a, spec, widths)
+        with t_budget("fill"):
+            fill_notes = fill(merged, gm_a, gm_b, spec, plans, probes, stats, ridge=ridge)
+        with t_budget("verify"):
+            _verify(merged, example_args, footprint, spec, plans, widths, b)
+        merged.eval()
+        merged.meta["pleas_fx"] = _report(spec, widths, plans, match, footprint, b, merged, stats,
+                                          notes + fill_notes, dict(t_budget), matching)
+        results.append(merged)
+    return results if isinstance(budget, (list, tuple)) else results[0]
+
+
+def _verify(merged: fx.GraphModule, example_args: tuple, footprint: Footprint, spec, plans, widths,
+            budget: float) -> None:
+    counted = structural_parameters(spec, plans, footprint.parameter_names)
+    predicted = footprint.count(widths)
+    if counted != predicted:
+        raise RuntimeError(f"internal error: merged model has {counted} parameters, footprint model says {predicted}")
+    if counted > budget * footprint.base + 1e-6:
+        raise RuntimeError(f"internal error: {counted} parameters exceed budget {budget} x {footprint.base}")
+    for name, t in merged.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RuntimeError(f"internal error: merged tensor {name} is not finite")
+    with torch.no_grad():
+        propagate_shapes(merged, example_args)
+
+
+def _report(spec: GroupSpec, widths, plans, match, footprint: Footprint, budget, merged, stats, notes,
+            timings, matching) -> dict:
+    groups = []
+    for g in spec.mergeable():
+        groups.append({
+            "id": g.id, "size": g.size, "width": widths[g.id], "merged_pairs": plans[g.id].merged_pairs,
+            "params": sorted({p.name for p in g.params}), "sites": len(g.sites),
+            "mean_pair_cost": float(match.pair_cost[g.id].mean()) if g.size else 0.0,
+        })
+    params = structural_parameters(spec, plans, footprint.parameter_names)
+    return {
+        "method": "pleas",
+        "matching": matching,
+        "requested_budget": budget,
+        "achieved_budget": params / footprint.base,
+        "parameters": params,
+        "parameters_one_model": footprint.base,
+        "dense_parameters": count_parameters(merged),
+        "groups": groups,
+        "frozen": [{"where": w, "reason": r} for w, r in spec.frozen_reasons],
+        "unmatched_groups": match.unmatched_groups,
+        "notes": notes,
+        "statistics": {"batches": stats.batches, "samples": stats.samples,
+                       "least_squares_nodes": len(stats.least_squares), "matching_sites": len(stats.sites)},
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }

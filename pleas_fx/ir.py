@@ -1,0 +1,212 @@
+"""The intermediate representation shared by every pass.
+
+A *layout* describes how one tensor axis is built from permutation groups: a sequence
+of contiguous *segments*; inside a segment, axis index = offset + o*(size*inner) + u*inner + r
+for unit u of the group, inner position r and outer repetition o. A plain channel axis is one
+segment (inner = outer = 1); flattening NCHW gives inner = H*W; a concat gives several segments.
+
+A *group plan* says, for one group, which features of A and B become which merged feature.
+Everything a transformation pass needs is computed from layouts and plans by the helpers
+at the end of this module, so passes never talk to each other directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class Segment:
+    """`size` permutable units of group `group`, each `inner` contiguous entries, the whole
+    block repeated `outer` times."""
+
+    group: int
+    size: int
+    inner: int = 1
+    outer: int = 1
+
+    @property
+    def numel(self) -> int:
+        return self.size * self.inner * self.outer
+
+
+Layout = tuple[Segment, ...]
+
+
+def layout_numel(layout: Layout) -> int:
+    return sum(s.numel for s in layout)
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    """One axis of a parameter or buffer (`name` is its qualified name in the model).
+
+    role "out": the axis carries features (merged entries average the two sides);
+    role "in": the axis is contracted with an input activation (entries are copied)."""
+
+    name: str
+    axis: int
+    layout: Layout
+    role: str = "out"
+
+
+@dataclass(frozen=True)
+class Site:
+    """An activation (fx node output) whose axis `axis` is exactly one plain segment of a group:
+    where activation matching measures the features."""
+
+    node: str
+    axis: int
+
+
+@dataclass
+class Group:
+    """A permutation group: `size` features that must be permuted together."""
+
+    id: int
+    size: int
+    frozen: bool = False
+    reasons: list[str] = field(default_factory=list)
+    params: list[ParamAxis] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+
+
+@dataclass
+class GroupSpec:
+    """Result of group inference: every group, the layout of every parameter axis and of
+    every node output axis (`node_layouts[name]` is a list of layouts per dim, or a list of
+    such lists for tuple outputs, or None for non-tensors)."""
+
+    groups: dict[int, Group]
+    param_layouts: dict[str, list[Layout]]
+    param_roles: dict[str, list[str]]
+    node_layouts: dict[str, Any]
+    frozen_reasons: list[tuple[str, str]]  # (where, why), in graph order
+
+    def mergeable(self) -> list[Group]:
+        return [g for g in self.groups.values() if not g.frozen]
+
+
+# --------------------------------------------------------------------------- merge plans
+@dataclass
+class GroupPlan:
+    """Which A and B features form each merged feature of one group.
+
+    `src_a[f]` / `src_b[f]` is the A / B feature feeding merged feature f, or -1. Merged
+    features where both are set average the two sides; the others copy one side."""
+
+    size: int
+    src_a: np.ndarray
+    src_b: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return int(self.src_a.shape[0])
+
+    @property
+    def merged_pairs(self) -> int:
+        return int(np.sum((self.src_a >= 0) & (self.src_b >= 0)))
+
+    @staticmethod
+    def identity(size: int) -> "GroupPlan":
+        """Frozen group: feature i of A averaged with feature i of B."""
+        idx = np.arange(size)
+        return GroupPlan(size, idx, idx.copy())
+
+    @staticmethod
+    def from_matching(perm: np.ndarray, costs: np.ndarray, merged: int) -> "GroupPlan":
+        """`perm[i]` = B feature matched to A feature i, `costs[i]` its cost; the `merged`
+        cheapest pairs are averaged, every other feature of A and of B is kept apart."""
+        d = len(perm)
+        merged = int(np.clip(merged, 0, d))
+        order = np.argsort(costs, kind="stable")
+        merged_a = np.sort(order[:merged])
+        kept_a = np.sort(order[merged:])
+        kept_b = np.sort(perm[kept_a])
+        absent = lambda n: np.full(n, -1, dtype=np.int64)
+        src_a = np.concatenate([merged_a, kept_a, absent(len(kept_b))])
+        src_b = np.concatenate([perm[merged_a], absent(len(kept_a)), kept_b])
+        return GroupPlan(d, src_a.astype(np.int64), src_b.astype(np.int64))
+
+
+@dataclass
+class AxisMap:
+    """A merge plan expanded onto one tensor axis: merged entry e reads A entry `idx_a[e]`
+    with weight `w_a[e]` and B entry `idx_b[e]` with weight `w_b[e]` (index -1: absent)."""
+
+    idx_a: np.ndarray
+    idx_b: np.ndarray
+    frozen: bool
+
+    @property
+    def size(self) -> int:
+        return int(self.idx_a.shape[0])
+
+    def weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The averaging weights (rows of M): 1/2 for merged pairs, 1 for a kept feature."""
+        has_a, has_b = self.idx_a >= 0, self.idx_b >= 0
+        both = has_a & has_b
+        w_a = np.where(both, 0.5, has_a.astype(np.float64))
+        w_b = np.where(both, 0.5, has_b.astype(np.float64))
+        return w_a, w_b
+
+    def presence(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which side feeds each merged entry (rows of U transposed: copies, weight 1)."""
+        return (self.idx_a >= 0).astype(np.float64), (self.idx_b >= 0).astype(np.float64)
+
+
+def axis_map(layout: Layout, plans: dict[int, GroupPlan], frozen: set[int], inner: int = 1) -> AxisMap:
+    """Expand the group plans onto an axis with `layout` (each entry further split into
+    `inner` consecutive sub-entries, e.g. a conv kernel's k*k taps in im2col order)."""
+    parts_a, parts_b = [], []
+    offset = 0
+    for seg in layout:
+        plan = GroupPlan.identity(seg.size) if seg.group in frozen else plans[seg.group]
+        sub = seg.inner * inner
+        o = np.arange(seg.outer)[:, None, None] * (seg.size * sub)
+        r = np.arange(sub)[None, None, :]
+
+        def expand(src: np.ndarray) -> np.ndarray:
+            idx = offset + o + src[None, :, None] * sub + r
+            return np.where(src[None, :, None] >= 0, idx, -1).reshape(-1)
+
+        parts_a.append(expand(plan.src_a))
+        parts_b.append(expand(plan.src_b))
+        offset += seg.numel * inner
+    is_frozen = all(seg.group in frozen for seg in layout)
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return AxisMap(cat(parts_a).astype(np.int64), cat(parts_b).astype(np.int64), is_frozen)
+
+
+def merged_axis_size(layout: Layout, widths: dict[int, int], frozen: set[int]) -> int:
+    """Size of an axis once every non-frozen group g has width `widths[g]`."""
+    return sum(
+        (seg.size if seg.group in frozen else widths[seg.group]) * seg.inner * seg.outer
+        for seg in layout
+    )
+
+
+# --------------------------------------------------------------------------- fill plans
+@dataclass(frozen=True)
+class LeastSquaresNode:
+    """A weight node filled by least squares (Linear, or a groups=1 convolution) and the
+    eval-mode BatchNorm folded into its target, if one directly follows it."""
+
+    node: str  # fx node name
+    module: str  # module target
+    kind: str  # "linear" | "conv"
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    norm: str | None = None  # module target of the folded BatchNorm
+
+    @property
+    def taps(self) -> int:
+        out = 1
+        for k in self.kernel:
+            out *= k
+        return out
