@@ -192,7 +192,9 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
             value = getattr_path(gm, node.target)
             if torch.is_tensor(value):
                 known = ctx.param_layouts.get(node.target)
-                out = known or ctx.param(node.target, [ctx.fresh(n) for n in value.shape])
+                # size-1 axes of a parameter only broadcast: never a feature axis
+                fresh = [ctx.fresh(n, "size-1" if n == 1 else None) for n in value.shape]
+                out = known or ctx.param(node.target, fresh)
                 out = list(out)
             else:
                 out = None

@@ -54,6 +54,7 @@ class Statistics:
     sites: dict[tuple[str, int], SiteMoments] = field(default_factory=dict)
     batches: int = 0
     samples: int = 0
+    cache: dict = field(default_factory=dict)  # budget-independent products, reused by every fill
 
 
 def _patches(node: LeastSquaresNode, x: torch.Tensor) -> torch.Tensor:

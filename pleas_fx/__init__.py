@@ -2,7 +2,6 @@
 (PLeaS, CVPR 2025), as a graph-rewriting compiler on torch.fx."""
 import logging
 
-from pleas_fx.api import merge
 from pleas_fx.errors import (
     ArchitectureMismatchError,
     BudgetError,
@@ -11,7 +10,6 @@ from pleas_fx.errors import (
     TraceError,
     WeightError,
 )
-from passes.registry import register_handler
 
 logging.getLogger("pleas_fx").addHandler(logging.NullHandler())
 
@@ -20,3 +18,16 @@ __all__ = [
     "BudgetError", "DataError", "WeightError",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"merge": ("pleas_fx.api", "merge"), "register_handler": ("passes.registry", "register_handler")}
+
+
+def __getattr__(name):
+    # Resolved on first use: the passes import pleas_fx's IR and errors, so importing them
+    # eagerly here would make `import passes.x` before `import pleas_fx` circular.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'pleas_fx' has no attribute {name!r}")
