@@ -15,6 +15,7 @@ module (from passes/widen.py) for one set of group plans.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -130,6 +131,26 @@ def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: 
     return out
 
 
+def _stacked_merge_matrix(in_map: AxisMap, din: int, order: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """M_in as a sparse CSR matrix from the stacked input [A entries; B entries; 1] (2*din + 1)
+    to the merged entries listed in `order` (index in_map.size stands for the constant)."""
+    w_a, w_b = in_map.weights()
+    n_in = in_map.size
+    is_const = order == n_in
+    e = np.where(is_const, 0, order)
+    rows = np.arange(len(order))
+    use_a = ~is_const & (in_map.idx_a[e] >= 0)
+    use_b = ~is_const & (in_map.idx_b[e] >= 0)
+    r = np.concatenate([rows[use_a], rows[use_b], rows[is_const]])
+    c = np.concatenate([in_map.idx_a[e][use_a], din + in_map.idx_b[e][use_b], np.full(is_const.sum(), 2 * din)])
+    v = np.concatenate([w_a[e][use_a], w_b[e][use_b], np.ones(is_const.sum())])
+    coo = torch.sparse_coo_tensor(torch.as_tensor(np.stack([r, c])), torch.as_tensor(v, dtype=like.dtype),
+                                  (len(order), 2 * din + 1), check_invariants=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return coo.coalesce().to_sparse_csr().to(like.device)
+
+
 class _Filler:
     def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge):
         self.merged, self.gm_a, self.gm_b, self.spec = merged, gm_a, gm_b, spec
@@ -220,81 +241,88 @@ class _Filler:
             yb = torch.addr(wb @ S[din:2 * din], bb, S[2 * din])
             self.stats.cache[key] = (ya, yb)
         ya, yb = self.stats.cache[key]
-        R = self.zip_values(ya, yb, out_map)  # (m_out, D): rows mapped through M_out
-        R = self._merge_stacked(R, in_map, din, axis=1)  # (m_out, m_in + 1)
-        G = self._merge_stacked(self._merge_stacked(S, in_map, din, axis=0), in_map, din, axis=1)
-        w_a, w_b = in_map.presence()
-        wa_full = torch.cat([wa, ba[:, None]], 1)
-        wb_full = torch.cat([wb, bb[:, None]], 1)
+        R0 = self.zip_values(ya, yb, out_map)  # (m_out, D): rows mapped through M_out
+
+        # Merged input entries (+ the constant, when there is a bias), ordered [shared | A-only | B-only].
+        n_in = in_map.size
+        in_a = np.append(in_map.idx_a >= 0, True)[: n_in + has_bias]
+        in_b = np.append(in_map.idx_b >= 0, True)[: n_in + has_bias]
+        blocks = [np.flatnonzero(in_a & in_b), np.flatnonzero(in_a & ~in_b), np.flatnonzero(~in_a & in_b)]
+        order = np.concatenate(blocks)
+        M = _stacked_merge_matrix(in_map, din, order, S)
+        G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the merged inputs
+        R = (M @ R0.T.contiguous()).T  # E[target x~^T]
         maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
-        W0 = zip_tensors(wa_full, wb_full, maps0, ["out", "in"])
-        if not has_bias:
-            G, R, W0 = G[:-1, :-1], R[:, :-1], W0[:, :-1]
-        W = self._solve_structured(G, R, W0, has_bias, probe.module, out_map, in_map)
-        a_w = W[:, :-1] if has_bias else W
-        a_b = W[:, -1] if has_bias else None
+        W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
+        order_t = torch.as_tensor(order, device=W0.device)
+        reg = torch.ones(len(order), dtype=G.dtype, device=G.device)
+        reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
+        W_ord = self._solve_structured(G, R, W0.index_select(1, order_t), reg, len(blocks[0]), len(blocks[1]),
+                                       out_map, probe.module)
+        W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
+        W[:, order_t] = W_ord
+        a_w = W[:, :n_in]
+        a_b = W[:, n_in] if has_bias else None
         shape = getattr_path(self.merged, wname).shape
         if norm:
             (sa, _), (sb, _) = self.bn_affine(norm)
             r = self.zip_values(self.safe_inverse(sa), self.safe_inverse(sb), out_map)
-            mean_x = G[:-1, -1]
-            mean_lin = a_w @ mean_x
-            var_lin = ((a_w @ G[:-1, :-1]) * a_w).sum(1) - mean_lin**2
-            self.write_conv_bn(norm, wname, bname, a_w, a_b, r, r * mean_lin, r * r * var_lin)
+            const = int(torch.nonzero(order_t == n_in)[0])
+            mean_out = W_ord @ G[:, const]  # E[a_w x~ + a_b]
+            var_out = ((W_ord @ G) * W_ord).sum(1) - mean_out**2
+            mean_lin = mean_out - a_b
+            self.write_conv_bn(norm, wname, bname, a_w, a_b, r, r * mean_lin, r * r * var_out)
         else:
             self.write(wname, a_w.reshape(shape))
             if bname:
                 self.write(bname, a_b)
 
-    @staticmethod
-    def _merge_stacked(T: torch.Tensor, m: AxisMap, din: int, axis: int) -> torch.Tensor:
-        """Apply M_in (plus the constant entry) to the stacked axis [A entries; B entries; 1]."""
-        w_a, w_b = m.weights()
-        ta = _index(T, axis, m.idx_a) * _along(w_a, axis, T.dim(), T)
-        tb = _index(T, axis, din + np.maximum(m.idx_b, 0)) * _along(w_b, axis, T.dim(), T)
-        const = T.narrow(axis, 2 * din, 1)
-        return torch.cat([ta + tb, const], dim=axis)
-
-    def _solve_structured(self, G, R, W0, has_bias, where, out_map: AxisMap, in_map: AxisMap):
-        """Solve row blocks separately so A-only outputs read only inputs A has (shared or
-        A-only) and B-only outputs only inputs B has: the cross blocks stay exactly zero."""
-        in_a, in_b = in_map.idx_a >= 0, in_map.idx_b >= 0
-        if has_bias:
-            in_a, in_b = np.append(in_a, True), np.append(in_b, True)
+    def _solve_structured(self, G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, where: str):
+        """Ridge least squares W (G + lam) = R + lam W0 with columns ordered [shared | A-only |
+        B-only], solved per row block so that A-only outputs read only inputs A has and B-only
+        outputs only inputs B has: the cross blocks stay exactly zero. One Cholesky factor L
+        serves all three blocks: its leading block factors [shared | A-only], and
+        [shared | B-only] needs only the Schur complement of the B-only block."""
+        L, lam = self._factor(G, reg, where)
+        if L is None:
+            return W0
+        rhs = R + lam * W0 * reg[None, :]
         out_a, out_b = out_map.idx_a >= 0, out_map.idx_b >= 0
         W = torch.zeros_like(W0)
-        for rows, cols in ((out_a & out_b, np.ones_like(in_a)), (out_a & ~out_b, in_a), (~out_a & out_b, in_b)):
-            if not rows.any():
-                continue
-            r = torch.as_tensor(np.flatnonzero(rows), device=W.device)
-            if cols.all():
-                W[r] = self._solve(G, R[r], W0[r], has_bias, where)
-                continue
-            c = torch.as_tensor(np.flatnonzero(cols), device=W.device)
-            sub = self._solve(G.index_select(0, c).index_select(1, c), R[r].index_select(1, c),
-                              W0[r].index_select(1, c), has_bias, where)
-            W[r[:, None], c[None, :]] = sub
+        both, only_a, only_b = (np.flatnonzero(m) for m in (out_a & out_b, out_a & ~out_b, ~out_a & out_b))
+        if len(both):
+            r = torch.as_tensor(both, device=W.device)
+            W[r] = torch.cholesky_solve(rhs[r].T, L).T
+        if len(only_a):
+            r, k = torch.as_tensor(only_a, device=W.device), n_s + n_a
+            W[r, :k] = torch.cholesky_solve(rhs[r, :k].T, L[:k, :k]).T
+        if len(only_b):
+            r = torch.as_tensor(only_b, device=W.device)
+            keep = torch.cat([torch.arange(n_s), torch.arange(n_s + n_a, G.shape[0])]).to(W.device)
+            l_bs = L[n_s + n_a:, :n_s]
+            schur = G[n_s + n_a:, n_s + n_a:].clone()
+            schur.diagonal().add_(lam * reg[n_s + n_a:])
+            l_bb = torch.linalg.cholesky(schur - l_bs @ l_bs.T)
+            top = torch.cat([L[:n_s, :n_s], torch.zeros(n_s, l_bb.shape[0], dtype=L.dtype, device=L.device)], 1)
+            l_b = torch.cat([top, torch.cat([l_bs, l_bb], 1)], 0)
+            W[r[:, None], keep[None, :]] = torch.cholesky_solve(rhs[r][:, keep].T, l_b).T
         return W
 
-    def _solve(self, G, R, W0, has_bias, where):
-        n = G.shape[0]
-        diag = torch.diagonal(G)[: n - 1 if has_bias else n]
+    def _factor(self, G, reg, where):
+        """Cholesky factor of G + lam*diag(reg), lam scale-aware (relative to the mean input
+        second moment), raised tenfold until the factorisation succeeds."""
+        diag = torch.diagonal(G)[reg > 0]
         scale = float(diag.mean()) if diag.numel() else 1.0
-        reg = torch.ones(n, dtype=G.dtype, device=G.device)
-        if has_bias:
-            reg[-1] = 0.0
         lam = self.ridge * max(scale, 1e-12)
         for _ in range(8):
             A = G.clone()
             A.diagonal().add_(lam * reg)
             L, info = torch.linalg.cholesky_ex(A)
-            del A
             if int(info) == 0:
-                rhs = (R + lam * W0 * reg[None, :]).T
-                return torch.cholesky_solve(rhs, L).T
+                return L, lam
             lam *= 10.0
         self.notes.append(f"{where}: least squares ill-conditioned; used the mapped weights")
-        return W0
+        return None, lam
 
     # -- per-channel nodes
     def depthwise(self, conv: str, bn: str | None) -> None:
