@@ -115,6 +115,11 @@ def widen(gm: fx.GraphModule, spec: GroupSpec, widths: dict[int, int]) -> fx.Gra
                 node.args = (node.args[0], new_shape, *node.args[2:])
             else:
                 node.kwargs = {**node.kwargs, "normalized_shape": new_shape}
+        elif node.target in ("chunk", torch.chunk) and isinstance(old, list):
+            # widened segments need not stay equal: chunk becomes split with explicit sizes
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            node.target = "split" if node.op == "call_method" else torch.split
+            node.args, node.kwargs = (node.args[0], [piece[dim] for piece in new], dim), {}
         elif (node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) == "split"
               and isinstance(old, list) and len(node.args) > 1 and isinstance(node.args[1], (list, tuple))):
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
