@@ -19,7 +19,8 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY = {"merge": ("pleas_fx.api", "merge"), "register_handler": ("passes.registry", "register_handler")}
+_LAZY = {"merge": ("pleas_fx.api", "merge"), "register_handler": ("passes.registry", "register_handler"),
+         "save": ("pleas_fx.io", "save"), "load": ("pleas_fx.io", "load")}
 
 
 def __getattr__(name):

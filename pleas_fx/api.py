@@ -5,7 +5,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -13,7 +13,7 @@ import torch.fx as fx
 from pleas_fx.data import as_args, checked_batches, generated_batches
 from pleas_fx.errors import BudgetError, PleasError
 from pleas_fx.ir import GroupPlan, GroupSpec
-from passes.allocate import Footprint, uniform_widths
+from passes.allocate import AllocationOptions, Footprint, WidthAllocator
 from passes.fill import fill, plan_least_squares
 from passes.infer_groups import infer_groups
 from passes.matching import activation_matching, weight_matching
@@ -61,6 +61,12 @@ def merge(
     stats_dtype: torch.dtype = torch.float64,
     progress: bool = True,
     seed: int = 0,
+    allocation: str = "highs",
+    budget_metric: str = "params",
+    width_grid: int | Sequence[float] = 8,
+    allocation_time_limit: float = 10.0,
+    proxy: str = "cost",
+    evaluate: Callable[[torch.nn.Module], float] | None = None,
 ) -> fx.GraphModule | list[fx.GraphModule]:
     """Merge two same-architecture models into one of `budget` x one model's parameters.
 
@@ -79,12 +85,24 @@ def merge(
             towards the permute-and-average weights.
         max_ls_dim: weight nodes whose stacked input is larger are mapped, not solved.
         progress: tqdm progress bar for the data pass.
+        allocation: "highs" (default) chooses every group's width by a MIP solved with HiGHS
+            (passes/allocate.py); "uniform" keeps the same share of every group apart.
+        budget_metric: "params" (structural parameters) or "flops" (multiply-accumulates of
+            Linear/conv layers on example_input); the budget is relative to one model's.
+        width_grid: the MIP's width levels: n gives fractions 0, 1/n, ..., 1 of a group kept
+            apart (or a list of fractions); leftover budget is then spent one feature at a time.
+        allocation_time_limit: seconds HiGHS may spend per budget (best solution found is used).
+        proxy: what the allocation maximises: "cost" (least matching cost of the merged pairs)
+            or "loo" (the paper's leave-one-out proxy: needs `evaluate`).
+        evaluate: for proxy="loo", evaluate(model) -> float, higher is better (e.g. accuracy on
+            held-out data); called on len(groups) + 1 merged models.
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
         budget), with a report in `merged.meta["pleas_fx"]`.
     """
     budgets = _check_budget(budget)
+    allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy, evaluate)
     matching = matching or ("activation" if data is not None else "weight")
     if matching not in ("activation", "weight"):
         raise PleasError(f"matching must be 'activation' or 'weight', got {matching!r}")
@@ -118,11 +136,20 @@ def merge(
 
     parameter_names = [n for n, _ in gm_a.named_parameters()]
     footprint = Footprint(spec, parameter_names)
+
+    def build(w: dict[int, int]) -> fx.GraphModule:  # a merged model at widths w, for proxy="loo"
+        p = {g.id: GroupPlan.from_matching(match.perm[g.id], match.pair_cost[g.id], 2 * g.size - w[g.id])
+             for g in spec.mergeable()}
+        m = widen(gm_a, spec, w)
+        fill(m, gm_a, gm_b, spec, p, probes, stats, ridge=ridge)
+        return m.eval()
+
+    allocator = WidthAllocator(spec, match.pair_cost, footprint, gm_a, allocation_options, build)
     results = []
     for b in budgets:
         t_budget = _Timer(timer)
         with t_budget("allocate"):
-            widths = uniform_widths(spec, footprint, b)
+            widths = allocator.widths(b)
             plans = {
                 g.id: GroupPlan.from_matching(match.perm[g.id], match.pair_cost[g.id], 2 * g.size - widths[g.id])
                 for g in spec.mergeable()
@@ -132,10 +159,11 @@ def merge(
         with t_budget("fill"):
             fill_notes = fill(merged, gm_a, gm_b, spec, plans, probes, stats, ridge=ridge)
         with t_budget("verify"):
-            _verify(merged, example_args, footprint, spec, plans, widths, b)
+            _verify(merged, example_args, footprint, spec, plans, widths, b if budget_metric == "params" else 2.0)
         merged.eval()
         merged.meta["pleas_fx"] = _report(spec, widths, plans, match, footprint, b, merged, stats,
                                           notes + fill_notes, dict(t_budget), matching)
+        merged.meta["pleas_fx"]["allocation"] = allocator.report()
         results.append(merged)
     return results if isinstance(budget, (list, tuple)) else results[0]
 

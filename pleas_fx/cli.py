@@ -1,0 +1,380 @@
+"""The ``pleas-fx`` command.
+
+    pleas-fx merge MODEL --a CKPT_A --b CKPT_B --data DATA --budget 1.5 [--budget 1.2 ...] --out DIR
+    pleas-fx inspect ...
+
+``merge`` builds MODEL twice (a torchvision or timm model name, or ``package.module:factory``
+called with ``--model-kwargs``), loads the two checkpoints into it, collects the statistics
+once over DATA (an image folder, a tensor file, or ``generated`` for the data-free mode) and
+writes one saved model per budget (loadable with ``pleas_fx.load``) and report.json into DIR;
+with ``--eval DATA_WITH_LABELS`` also accuracy.png, accuracy against budget for the merged
+models, both source models and their ensemble. Everything is written into a temporary folder
+next to DIR and renamed at the end, so a failed run leaves nothing behind in DIR.
+
+Bad input ends the command with exit status 1 (2 for malformed arguments) and one line on
+stderr. Progress bars (tqdm) go to stderr, only when it is a terminal and without --quiet;
+messages go through the logging module ("pleas_fx" logger); the final summary is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("pleas_fx")
+
+PROG = "pleas-fx"
+
+
+class UsageError(Exception):
+    """Malformed command-line arguments (exit status 2)."""
+
+
+class CliError(Exception):
+    """Bad input found while running (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Merge two same-architecture networks with PLeaS (pleas_fx).")
+    sub = parser.add_subparsers(dest="command", metavar="{merge,inspect}")
+    sub.add_parser("inspect", help="show the permutation groups of a model (pleas-fx inspect --help)", add_help=False)
+    m = sub.add_parser(
+        "merge", help="merge two checkpoints at one or more budgets",
+        description="Merge two checkpoints of MODEL at one or more budgets; one statistics pass serves all budgets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m.add_argument("model", metavar="MODEL",
+                   help="torchvision or timm model name, or package.module:factory (called with --model-kwargs)")
+    m.add_argument("--a", required=True, metavar="CKPT_A", help="model A's state dict (.pt/.pth via torch.save, or .safetensors)")
+    m.add_argument("--b", required=True, metavar="CKPT_B", help="model B's state dict")
+    m.add_argument("--data", required=True, metavar="DATA",
+                   help="calibration data: image folder (ImageFolder layout or flat), .pt/.npy/.npz tensor file, "
+                        "or 'generated' (data-free)")
+    m.add_argument("--budget", required=True, type=float, action="append", metavar="B",
+                   help="merged size relative to one model, in [1, 2]; repeat for a sweep")
+    m.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must not exist or be empty)")
+    m.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for the model, as JSON")
+    m.add_argument("--image-size", type=int, default=224, help="images are resized and centre-cropped to this size")
+    m.add_argument("--channels", type=int, default=3, help="image channels (1: greyscale)")
+    m.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean per channel (default: ImageNet)")
+    m.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std per channel (default: ImageNet)")
+    m.add_argument("--batch-size", type=int, default=32, help="batch size for images and tensor files")
+    m.add_argument("--batches", type=int, default=None, metavar="N", help="use at most N batches of DATA (all by default; 8 generated)")
+    m.add_argument("--matching", choices=("activation", "weight"), default=None,
+                   help="feature matching (default: activation with data, weight when generated)")
+    m.add_argument("--eval", default=None, metavar="DATA_WITH_LABELS",
+                   help="labelled data (ImageFolder layout or a tensor file with labels) for accuracy.png")
+    m.add_argument("--eval-batches", type=int, default=None, metavar="N", help="evaluate on at most N batches")
+    m.add_argument("--device", default="cpu", help="torch device for the merge")
+    m.add_argument("--seed", type=int, default=0, help="seed for data order and generated data")
+    m.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    m.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    m.add_argument("--verbose", "-v", action="store_true", help="debug messages")
+    m.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pleas-fx`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "inspect":
+        try:
+            from pleas_fx.inspect import main as inspect_main
+        except ImportError as exc:
+            print(f"{PROG}: error: 'inspect' is not available: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        code = getattr(inspect_main, "__code__", None)
+        takes_prog = code is not None and "prog" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+        status = inspect_main(argv[1:], prog=f"{PROG} inspect") if takes_prog else inspect_main(argv[1:])
+        return int(status or 0)
+    try:
+        args = _parser().parse_args(argv)
+        if args.command != "merge":
+            raise UsageError(f"choose a command: merge or inspect (see {PROG} --help)")
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return _merge_command(args, argv)
+    except UsageError as exc:
+        print(f"{PROG} merge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        from pleas_fx.errors import PleasError
+
+        known = isinstance(exc, (CliError, PleasError, OSError, ValueError))
+        prefix = "" if known else f"internal error ({type(exc).__name__}, rerun with --debug for the traceback): "
+        print(f"{PROG} merge: error: {prefix}{_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+# ------------------------------------------------------------------------------ merge
+def _budget_dir(b: float) -> str:
+    return f"budget_{b:g}"
+
+
+def _validate(args) -> tuple[list[float], dict, Path]:
+    budgets = list(args.budget)
+    for b in budgets:
+        if not math.isfinite(b) or not 1.0 <= b <= 2.0:
+            raise UsageError(f"budget {b:g} is outside [1, 2] (1: the size of one model, 2: both models whole)")
+    names = [_budget_dir(b) for b in budgets]
+    if len(set(names)) != len(names):
+        raise UsageError(f"budget {next(b for b, n in zip(budgets, names) if names.count(n) > 1):g} is given twice")
+    for opt in ("image_size", "channels", "batch_size", "batches", "eval_batches"):
+        value = getattr(args, opt)
+        if value is not None and value < 1:
+            raise UsageError(f"--{opt.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--model-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise CliError(f"--out {out} exists and is not empty (use --force to replace it)")
+    for label, path in (("--a", args.a), ("--b", args.b)):
+        if not Path(path).is_file():
+            raise CliError(f"checkpoint {label} not found: {path}")
+    if args.data != "generated" and not Path(args.data).exists():
+        raise CliError(f"--data not found: {args.data}")
+    if args.eval is not None and not Path(args.eval).exists():
+        raise CliError(f"--eval data not found: {args.eval}")
+    return budgets, kwargs, out
+
+
+def _progress_enabled(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _merge_command(args, argv: list[str]) -> int:
+    t_start = time.perf_counter()
+    budgets, model_kwargs, out = _validate(args)
+
+    import torch
+
+    import pleas_fx
+    from pleas_fx.checkpoints import build_model, load_checkpoint
+    from pleas_fx.datasets import open_data
+    from pleas_fx.io import make_temp_dir, publish_dir
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available")
+    torch.manual_seed(args.seed)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model_a = build_model(args.model, model_kwargs)
+    model_b = copy.deepcopy(model_a)
+    load_checkpoint(model_a, args.a, label="checkpoint --a", model_name=args.model)
+    load_checkpoint(model_b, args.b, label="checkpoint --b", model_name=args.model)
+    model_a.to(device).eval()
+    model_b.to(device).eval()
+    timings["load_models"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    data_opts = dict(image_size=args.image_size, channels=args.channels, mean=args.mean, std=args.std)
+    if args.data == "generated":
+        if args.mean is not None or args.std is not None:
+            log.info("--mean/--std do not apply to generated data")
+        source = None
+        example = torch.zeros(2, args.channels, args.image_size, args.image_size)
+        calibration = None
+        data_desc = f"generated ({args.batches or 8} batches of 32 inputs shaped {tuple(example.shape[1:])})"
+    else:
+        source = open_data(args.data, **data_opts).shuffled(args.seed)
+        calibration = source.batches(args.batch_size, args.batches)
+        example = source.inputs_at(source.order[:2])
+        data_desc = f"{source.description}, {len(calibration)} batches of up to {args.batch_size}"
+    example = example.to(device)
+    eval_source = open_data(args.eval, **data_opts) if args.eval is not None else None
+    if eval_source is not None and not eval_source.has_labels:
+        raise CliError(f"--eval {args.eval} has no labels (use the ImageFolder layout, or a tensor file with labels)")
+    with torch.no_grad():
+        try:
+            out_a = model_a(example)
+        except Exception as exc:
+            raise CliError(f"model {args.model} fails on the data's inputs of shape {tuple(example.shape)}: "
+                           f"{_one_line(exc)}") from exc
+    if eval_source is not None and not (torch.is_tensor(out_a) and out_a.dim() == 2):
+        raise CliError(f"--eval needs a model that returns one (batch, classes) logits tensor; {args.model} returns "
+                       f"{tuple(out_a.shape) if torch.is_tensor(out_a) else type(out_a).__name__}")
+    timings["load_data"] = time.perf_counter() - t
+    log.info("merging %s at budget%s %s with data: %s", args.model, "s" if len(budgets) > 1 else "",
+             ", ".join(f"{b:g}" for b in budgets), data_desc)
+
+    t = time.perf_counter()
+    import pleas_fx.api  # noqa: F401  (the compiler's passes: imported outside the merge timing)
+
+    timings["import"] = time.perf_counter() - t
+    t = time.perf_counter()
+    merged = pleas_fx.merge(
+        model_a, model_b, example, list(budgets), data=calibration,
+        matching=args.matching, max_batches=args.batches, progress=_progress_enabled(args), seed=args.seed,
+    )
+    timings["merge"] = time.perf_counter() - t
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out)
+    try:
+        t = time.perf_counter()
+        for b, m in zip(budgets, merged):
+            pleas_fx.save(m, tmp / _budget_dir(b))
+        timings["save"] = time.perf_counter() - t
+
+        evaluation = None
+        if eval_source is not None:
+            t = time.perf_counter()
+            evaluation = _evaluate(model_a, model_b, budgets, merged, eval_source, args, device)
+            _plot(tmp / "accuracy.png", args.model, budgets, merged, evaluation)
+            evaluation["plot"] = "accuracy.png"
+            timings["evaluate"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+
+        report = {
+            "pleas_fx_version": getattr(pleas_fx, "__version__", None),
+            "torch_version": torch.__version__,
+            "command": [PROG, *argv],
+            "model": args.model,
+            "model_kwargs": model_kwargs,
+            "checkpoints": {"a": str(args.a), "b": str(args.b)},
+            "data": data_desc,
+            "device": str(device),
+            "budgets": budgets,
+            "models": [
+                {"budget": b, "path": _budget_dir(b), **m.meta.get("pleas_fx", {})} for b, m in zip(budgets, merged)
+            ],
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "evaluation": evaluation,
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _summary(args, out, budgets, merged, timings, evaluation)
+    return 0
+
+
+def _evaluate(model_a, model_b, budgets, merged, source, args, device) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    batches = source.batches(args.batch_size, args.eval_batches, labels=True)
+    correct = {"model_a": 0, "model_b": 0, "ensemble": 0, **{_budget_dir(b): 0 for b in budgets}}
+    total = 0
+    with torch.no_grad():
+        for x, y in tqdm(batches, desc="pleas_fx evaluate", unit="batch", disable=not _progress_enabled(args)):
+            x, y = x.to(device), y.to(device)
+            la, lb = model_a(x), model_b(x)
+            if int(y.max()) >= la.shape[1] or int(y.min()) < 0:
+                raise CliError(f"--eval labels range over {int(y.min())}..{int(y.max())} but the model has "
+                               f"{la.shape[1]} outputs")
+            correct["model_a"] += int((la.argmax(1) == y).sum())
+            correct["model_b"] += int((lb.argmax(1) == y).sum())
+            correct["ensemble"] += int(((la + lb).argmax(1) == y).sum())
+            for b, m in zip(budgets, merged):
+                correct[_budget_dir(b)] += int((m(x).argmax(1) == y).sum())
+            total += int(y.numel())
+    acc = {k: 100.0 * v / max(total, 1) for k, v in correct.items()}
+    return {
+        "data": source.description,
+        "samples": total,
+        "accuracy": {
+            "model_a": acc["model_a"], "model_b": acc["model_b"], "ensemble": acc["ensemble"],
+            "merged": [{"budget": b, "achieved_budget": m.meta.get("pleas_fx", {}).get("achieved_budget", b),
+                        "accuracy": acc[_budget_dir(b)]} for b, m in zip(budgets, merged)],
+        },
+    }
+
+
+def _plot(path: Path, model_name: str, budgets, merged, evaluation: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    acc = evaluation["accuracy"]
+    points = sorted((p["achieved_budget"], p["accuracy"], p["budget"]) for p in acc["merged"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    try:
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="C3", lw=2, label="PLeaS merged")
+        for x, y, b in points:
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        ax.axhline(acc["ensemble"], color="C2", ls="-", lw=1.5, label=f"ensemble, 2x ({acc['ensemble']:.1f})")
+        ax.axhline(acc["model_a"], color="C0", ls="--", lw=1.5, label=f"model A, 1x ({acc['model_a']:.1f})")
+        ax.axhline(acc["model_b"], color="C1", ls=":", lw=1.8, label=f"model B, 1x ({acc['model_b']:.1f})")
+        ax.set_xlim(0.95, 2.05)
+        lo = min([acc["model_a"], acc["model_b"], acc["ensemble"]] + [p[1] for p in points])
+        hi = max([acc["model_a"], acc["model_b"], acc["ensemble"]] + [p[1] for p in points])
+        ax.set_ylim(max(0.0, lo - 5), min(100.0, hi + 5) if hi + 5 > lo else lo + 10)
+        ax.set_xlabel("parameters relative to one model (budget)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"{model_name}: accuracy against budget ({evaluation['samples']} samples)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
+    acc = {p["budget"]: p["accuracy"] for p in evaluation["accuracy"]["merged"]} if evaluation else {}
+    lines = [f"merged {args.model} at {len(budgets)} budget{'s' if len(budgets) > 1 else ''} in "
+             f"{timings['merge']:.1f} s (one statistics pass) -> {out}"]
+    header = f"  {'budget':>6}  {'achieved':>8}  {'parameters':>10}" + (f"  {'accuracy':>8}" if acc else "") + "  folder"
+    lines.append(header)
+    for b, m in zip(budgets, merged):
+        r = m.meta.get("pleas_fx", {})
+        row = f"  {b:>6g}  {r.get('achieved_budget', float('nan')):>8.3f}  {r.get('parameters', 0):>10}"
+        if acc:
+            row += f"  {acc[b]:>7.1f}%"
+        lines.append(row + f"  {out / _budget_dir(b)}")
+    if evaluation:
+        a = evaluation["accuracy"]
+        lines.append(f"  model A {a['model_a']:.1f}%, model B {a['model_b']:.1f}%, ensemble {a['ensemble']:.1f}% "
+                     f"on {evaluation['samples']} samples; plot: {out / 'accuracy.png'}")
+    lines.append(f"  report: {out / 'report.json'}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

