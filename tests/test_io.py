@@ -121,7 +121,7 @@ class TiedNet(nn.Module):
         self.tied = nn.Linear(6, 12, bias=False)
         self.tied.weight = self.dec.weight
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # a string annotation (future import)
         h = F.max_pool1d(x.flatten(1).unsqueeze(1), 2).squeeze(1)
         z = torch.tanh(self.enc(h))
         return self.out(self.dec(z) + self.tied(z) * 0.5)
@@ -191,11 +191,14 @@ def test_round_trip_random_networks(tmp_path, seed):
     assert "def forward(self, x)" in (path / "model.py").read_text()
 
 
-def test_round_trip_tied_weights(tmp_path):
+def test_round_trip_tied_weights_and_annotations(tmp_path, caplog):
     torch.manual_seed(0)
     model = TiedNet().eval()
     x = torch.randn(4, 3, 8)
-    loaded = load(save(model, tmp_path / "m", example_input=x))
+    with caplog.at_level(logging.WARNING, logger="pleas_fx"):
+        loaded = load(save(model, tmp_path / "m", example_input=x))
+    assert not caplog.records  # the regenerated code is the model's own, annotations included
+    assert loaded.code == fx.symbolic_trace(model).code and "Tensor" in loaded.code
     assert loaded.tied.weight is loaded.dec.weight
     assert torch.equal(loaded(x), model(x))
 
