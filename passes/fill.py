@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from pleas_fx.errors import PleasError
 from pleas_fx.ir import AxisMap, GroupPlan, GroupSpec, LeastSquaresNode, axis_map
 from passes.statistics import Statistics
 from passes.trace import getattr_path
@@ -107,8 +108,10 @@ def _along(w: np.ndarray, axis: int, ndim: int, like: torch.Tensor) -> torch.Ten
 
 
 def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: list[str]) -> torch.Tensor:
-    """Merge two tensors axis by axis: M (average merged pairs) on the first feature axis,
-    U (copy) on every other non-frozen axis; all-frozen tensors are averaged."""
+    """Merge two tensors axis by axis: M (average merged features) on the first feature axis,
+    U (copy) on every other non-frozen axis; all-frozen tensors are averaged. This is the
+    mapped weight W = M_out blkdiag(W_A, W_B) U_in, axis by axis; a ZipIt!-style map (two
+    sources of one model in a merged feature) sums that side's terms."""
     ta, tb = ta.double(), tb.double()
     primary = next((i for i, (m, r) in enumerate(zip(maps, roles)) if r == "out" and not m.frozen), None)
     if primary is None:
@@ -116,15 +119,13 @@ def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: 
     out = None
     for side, t in ((0, ta), (1, tb)):
         for axis, m in enumerate(maps):
-            idx = m.idx_a if side == 0 else m.idx_b
-            t = _index(t, axis, idx)
-            if axis == primary:
-                w = m.weights()[side]
-            elif not m.frozen:
-                w = m.presence()[side]
-            else:
+            terms = m.terms(side)
+            if axis != primary and m.frozen:
+                t = _index(t, axis, terms[0][0])
                 continue
-            t = t * _along(w, axis, t.dim(), t)
+            parts = [_index(t, axis, idx) * _along(w_m if axis == primary else w_u, axis, t.dim(), t)
+                     for idx, w_m, w_u in terms]
+            t = parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
         if primary is None:
             t = 0.5 * t
         out = t if out is None else out + t
@@ -152,9 +153,9 @@ def _stacked_merge_matrix(in_map: AxisMap, din: int, order: np.ndarray, like: to
 
 
 class _Filler:
-    def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge):
+    def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge, solve="least_squares"):
         self.merged, self.gm_a, self.gm_b, self.spec = merged, gm_a, gm_b, spec
-        self.plans, self.stats, self.ridge = plans, stats, ridge
+        self.plans, self.stats, self.ridge, self.solve = plans, stats, ridge, solve
         self.frozen = {g.id for g in spec.groups.values() if g.frozen}
         self.done: set[str] = set()
         self.notes: list[str] = []
@@ -232,6 +233,9 @@ class _Filler:
 
         out_map = self.amap(wname, 0)
         in_map = self.amap(wname, 1, inner=probe.taps)
+        if not (out_map.pairwise and in_map.pairwise):
+            raise PleasError(f"{probe.module}: least squares needs plans that merge features of A with "
+                             f"features of B only (ZipIt!-style plans are filled with solve='mapped')")
         S = self.stats.least_squares[probe.node].mean()
         din = wa.shape[1]
         # E[y_s s^T] for each side (rows: that side's folded outputs); budget-independent, cached.
@@ -257,8 +261,12 @@ class _Filler:
         order_t = torch.as_tensor(order, device=W0.device)
         reg = torch.ones(len(order), dtype=G.dtype, device=G.device)
         reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
-        W_ord = self._solve_structured(G, R, W0.index_select(1, order_t), reg, len(blocks[0]), len(blocks[1]),
-                                       out_map, probe.module)
+        if self.solve == "regmean":
+            W_ord = self._solve_regmean(S, ya, yb, in_map, out_map, order, din, W0.index_select(1, order_t), reg,
+                                        len(blocks[0]), len(blocks[1]), probe.module)
+        else:
+            W_ord = self._solve_structured(G, R, W0.index_select(1, order_t), reg, len(blocks[0]), len(blocks[1]),
+                                           out_map, probe.module)
         W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
         W[:, order_t] = W_ord
         a_w = W[:, :n_in]
@@ -306,6 +314,46 @@ class _Filler:
             top = torch.cat([L[:n_s, :n_s], torch.zeros(n_s, l_bb.shape[0], dtype=L.dtype, device=L.device)], 1)
             l_b = torch.cat([top, torch.cat([l_bs, l_bb], 1)], 0)
             W[r[:, None], keep[None, :]] = torch.cholesky_solve(rhs[r][:, keep].T, l_b).T
+        return W
+
+    def _solve_regmean(self, S, ya, yb, in_map: AxisMap, out_map: AxisMap, order: np.ndarray, din: int,
+                       W0, reg, n_s: int, n_a: int, where: str):
+        """RegMean (Jin et al., ICLR 2023) on the merged axes: W = argmin sum_s E||W x~_s - y_s||^2
+        (+ ridge towards W0) over the rows that model s feeds, where x~_s is the merged input as
+        model s sees it: its own feature at every entry it feeds, the other model's feature at an
+        entry only the other model feeds. At identity plans and budget 1 this is RegMean's
+        W = (W_A G_A + W_B G_B)(G_A + G_B)^-1 with G_s = E[x_s x_s^T] (bias-augmented); at budget 2
+        it returns the ensemble. Rows of a feature kept for one model read only that model's
+        inputs, with that model's objective alone."""
+        n_in = in_map.size
+        const = order == n_in
+        e = np.where(const, 0, order)
+        ia, ib = in_map.idx_a[e], in_map.idx_b[e]
+        own_a = np.where(ia >= 0, ia, din + ib)
+        own_b = np.where(ib >= 0, din + ib, ia)
+        sel = [torch.as_tensor(np.where(const, 2 * din, own), device=S.device) for own in (own_a, own_b)]
+        grams = [S[s][:, s] for s in sel]  # E[x~_s x~_s^T]
+        rhs_src = [y[:, s] for y, s in zip((ya, yb), sel)]  # E[y_s x~_s^T]
+        W = torch.zeros_like(W0)
+        has_a, has_b = out_map.idx_a >= 0, out_map.idx_b >= 0
+        for rows, cols, gram, parts in (
+            (has_a & has_b, np.arange(len(order)), grams[0] + grams[1], ((0, out_map.idx_a), (1, out_map.idx_b))),
+            (has_a & ~has_b, np.arange(n_s + n_a), grams[0], ((0, out_map.idx_a),)),
+            (~has_a & has_b, np.concatenate([np.arange(n_s), np.arange(n_s + n_a, len(order))]), grams[1],
+             ((1, out_map.idx_b),)),
+        ):
+            r = np.flatnonzero(rows)
+            if not len(r):
+                continue
+            c = torch.as_tensor(cols, device=W.device)
+            r_t = torch.as_tensor(r, device=W.device)
+            L, lam = self._factor(gram[c][:, c], reg[c], where)
+            if L is None:
+                W[r_t[:, None], c[None, :]] = W0[r_t][:, c]
+                continue
+            rhs = sum(rhs_src[side][torch.as_tensor(idx[r], device=W.device)][:, c] for side, idx in parts)
+            rhs = rhs + lam * W0[r_t][:, c] * reg[c][None, :]
+            W[r_t[:, None], c[None, :]] = torch.cholesky_solve(rhs.T, L).T
         return W
 
     def _factor(self, G, reg, where):
@@ -360,19 +408,30 @@ class _Filler:
             self.write(f"{bn}.bias", shift + scale * mean)
 
 
+SOLVES = ("least_squares", "regmean", "mapped")
+
+
 def fill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, spec: GroupSpec,
          plans: dict[int, GroupPlan], probes: list[LeastSquaresNode], stats: Statistics | None,
-         ridge: float = 1e-4) -> list[str]:
-    """Write every parameter and buffer of the widened `merged`; returns notes on fallbacks."""
-    f = _Filler(merged, gm_a, gm_b, spec, plans, stats, ridge)
+         ridge: float = 1e-4, solve: str = "least_squares") -> list[str]:
+    """Write every parameter and buffer of the widened `merged`; returns notes on fallbacks.
+
+    `solve`: "least_squares" (PLeaS: weight nodes solved on the merged inputs and targets),
+    "regmean" (weight nodes solved by RegMean's objective, each model on its own inputs), or
+    "mapped" (no solve: every parameter *and buffer* is mapped through the plans, W = M_out
+    blkdiag(W_A, W_B) U_in, BatchNorm statistics included, the path oversized layers take
+    anyway; with identity plans at budget 1 this is plain weight averaging)."""
+    if solve not in SOLVES:
+        raise PleasError(f"solve must be one of {SOLVES}, got {solve!r}")
+    f = _Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve)
     with torch.no_grad():
         folded = set()
-        for probe in probes:
+        for probe in probes if solve != "mapped" else ():
             if stats is not None and probe.node in stats.least_squares:
                 f.least_squares(probe)
                 if probe.norm:
                     folded.add(probe.norm)
-        for node in gm_a.graph.nodes:
+        for node in gm_a.graph.nodes if solve != "mapped" else ():
             if node.op != "call_module":
                 continue
             mod = gm_a.get_submodule(node.target)

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from scipy.optimize import linear_sum_assignment
 
+from pleas_fx.errors import PleasError
 from pleas_fx.ir import GroupPlan, GroupSpec, ParamAxis, axis_map
 from passes.statistics import Statistics
 from passes.trace import getattr_path
@@ -23,17 +24,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Matching:
-    """perm[g][i] = B feature matched to A feature i; pair_cost[g][i] its normalised cost."""
+    """perm[g][i] = B feature matched to A feature i; pair_cost[g][i] its normalised cost.
+
+    ZipIt! matching also fills `pairs[g]`: (size, 2) features of the stacked space [A; B]
+    (B's feature j is size + j), in the greedy order they are merged; `pair_cost[g]` is then
+    the cost of each of those pairs, and `perm` is unused."""
 
     perm: dict[int, np.ndarray]
     pair_cost: dict[int, np.ndarray]
     method: str
     unmatched_groups: list[int]
+    pairs: dict[int, np.ndarray] | None = None
 
 
-def activation_matching(spec: GroupSpec, stats: Statistics) -> Matching:
-    """Linear assignment on summed E[(z_A,i - z_B,j)^2] over each group's activation sites."""
-    perm, pair_cost, unmatched = {}, {}, []
+def activation_costs(spec: GroupSpec, stats: Statistics) -> dict[int, np.ndarray | None]:
+    """Per group, the cost matrix C[i, j] = E[(z_A,i - z_B,j)^2] (normalised by the mean second
+    moment) averaged over its measured activation sites; None where no site was measured."""
+    out = {}
     for g in spec.mergeable():
         cost = np.zeros((g.size, g.size))
         used = 0
@@ -47,17 +54,111 @@ def activation_matching(spec: GroupSpec, stats: Statistics) -> Matching:
             scale = 0.5 * (sq_a.mean() + sq_b.mean())
             cost += c / max(scale, 1e-30)
             used += 1
-        if used == 0:
+        out[g.id] = cost / used if used else None
+    return out
+
+
+def activation_matching(spec: GroupSpec, stats: Statistics) -> Matching:
+    """Linear assignment on summed E[(z_A,i - z_B,j)^2] over each group's activation sites."""
+    perm, pair_cost, unmatched = {}, {}, []
+    costs = activation_costs(spec, stats)
+    for g in spec.mergeable():
+        cost = costs[g.id]
+        if cost is None:
             unmatched.append(g.id)
             perm[g.id], pair_cost[g.id] = np.arange(g.size), np.zeros(g.size)
             continue
-        cost /= used
         rows, cols = linear_sum_assignment(cost)
         perm[g.id] = cols[np.argsort(rows)]
         pair_cost[g.id] = cost[np.arange(g.size), perm[g.id]]
     if unmatched:
         log.warning("no activation site measured for %d group(s); they are matched at identity", len(unmatched))
     return Matching(perm, pair_cost, "activation", unmatched)
+
+
+def identity_matching(spec: GroupSpec, stats: Statistics | None, gm_a: fx.GraphModule,
+                      gm_b: fx.GraphModule) -> Matching:
+    """No permutation: feature i of A goes with feature i of B (plain averaging, RegMean).
+    The pair costs (which pairs a budget above 1 keeps apart) are activation costs where sites
+    were measured, else weight distances."""
+    costs = activation_costs(spec, stats) if stats is not None and stats.sites else {}
+    fallback = None
+    perm, pair_cost, unmatched = {}, {}, []
+    for g in spec.mergeable():
+        perm[g.id] = np.arange(g.size)
+        if costs.get(g.id) is not None:
+            pair_cost[g.id] = np.diagonal(costs[g.id]).copy()
+            continue
+        if fallback is None:
+            fallback = weight_matching(spec, gm_a, gm_b, max_iter=0)
+        pair_cost[g.id] = fallback.pair_cost[g.id]
+        if g.id in fallback.unmatched_groups:
+            unmatched.append(g.id)
+    return Matching(perm, pair_cost, "identity", unmatched)
+
+
+def zipit_correlations(spec: GroupSpec, stats: Statistics) -> dict[int, np.ndarray | None]:
+    """Per group, the (2d, 2d) correlation matrix of the stacked features [z_A; z_B], averaged
+    over its activation sites (needs statistics collected with full_sites=True). A feature
+    that never varies correlates 0 with everything."""
+    out = {}
+    for g in spec.mergeable():
+        corr, used = np.zeros((2 * g.size, 2 * g.size)), 0
+        for site in g.sites:
+            m = stats.sites.get((site.node, site.axis))
+            if m is None or m.count == 0:
+                continue
+            if m.aa is None:
+                raise PleasError("ZipIt! matching needs within-model site moments (collect_statistics(full_sites=True))")
+            n = m.count
+            mean = torch.cat([m.sum_a, m.sum_b]) / n
+            second = torch.cat([torch.cat([m.aa, m.cross], 1), torch.cat([m.cross.T, m.bb], 1)], 0) / n
+            cov = (second - torch.outer(mean, mean)).cpu().double().numpy()
+            var = np.clip(np.diagonal(cov), 0.0, None)
+            std = np.sqrt(var)
+            live = std > 1e-6 * max(float(std.max()), 1e-30)
+            inv = np.where(live, 1.0 / np.where(live, std, 1.0), 0.0)
+            corr += cov * inv[:, None] * inv[None, :]
+            used += 1
+        out[g.id] = corr / used if used else None
+    return out
+
+
+def zipit_matching(spec: GroupSpec, stats: Statistics) -> Matching:
+    """ZipIt! (Stoica et al., ICLR 2024) feature matching: on the correlation matrix of the
+    stacked features of A and B, repeatedly pair the two most correlated features not yet
+    paired, within a model or across the two, until every feature is paired. The first k pairs
+    of that greedy order are the merges of a group of width 2d - k; the cost of a pair is
+    1 - its correlation (plus 1e-6, so that a budget is always spent)."""
+    perm, pair_cost, pairs, unmatched = {}, {}, {}, []
+    corrs = zipit_correlations(spec, stats)
+    for g in spec.mergeable():
+        d = g.size
+        perm[g.id] = np.arange(d)
+        corr = corrs[g.id]
+        if corr is None:  # nothing measured: pair A's feature i with B's feature i
+            unmatched.append(g.id)
+            pairs[g.id] = np.stack([np.arange(d), d + np.arange(d)], 1)
+            pair_cost[g.id] = np.ones(d)
+            continue
+        iu, ju = np.triu_indices(2 * d, k=1)
+        order = np.argsort(-corr[iu, ju], kind="stable")
+        used = np.zeros(2 * d, dtype=bool)
+        chosen, cost = [], []
+        for t in order:
+            i, j = iu[t], ju[t]
+            if used[i] or used[j]:
+                continue
+            used[i] = used[j] = True
+            chosen.append((i, j))
+            cost.append(max(1.0 - corr[i, j], 0.0) + 1e-6)  # > 0: keeping a pair apart always gains
+            if len(chosen) == d:
+                break
+        pairs[g.id] = np.asarray(chosen, dtype=np.int64).reshape(-1, 2)
+        pair_cost[g.id] = np.asarray(cost)
+    if unmatched:
+        log.warning("no activation site measured for %d group(s); ZipIt! pairs them at identity", len(unmatched))
+    return Matching(perm, pair_cost, "zipit", unmatched, pairs)
 
 
 def _unit_matrix(tensor: torch.Tensor, member: ParamAxis, group: int) -> torch.Tensor:
@@ -104,6 +205,7 @@ def weight_matching(spec: GroupSpec, gm_a: fx.GraphModule, gm_b: fx.GraphModule,
             sim = a @ b.T if sim is None else sim + a @ b.T
         return sim
 
+    it = -1
     for it in range(max_iter):
         improved = False
         for idx in rng.permutation(len(groups)):

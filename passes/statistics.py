@@ -79,6 +79,11 @@ class SiteMoments:
     sq_a: torch.Tensor
     sq_b: torch.Tensor
     count: int = 0
+    # with full=True (ZipIt! matching): sums z_A z_A^T, z_B z_B^T, z_A, z_B; otherwise None
+    aa: torch.Tensor | None = None
+    bb: torch.Tensor | None = None
+    sum_a: torch.Tensor | None = None
+    sum_b: torch.Tensor | None = None
 
 
 @dataclass
@@ -167,6 +172,11 @@ def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis:
         acc.cross += (ca @ cb.T).to(dtype)
         acc.sq_a += (ca * ca).sum(1).to(dtype)
         acc.sq_b += (cb * cb).sum(1).to(dtype)
+        if acc.aa is not None:
+            acc.aa += (ca @ ca.T).to(dtype)
+            acc.bb += (cb @ cb.T).to(dtype)
+            acc.sum_a += ca.sum(1).to(dtype)
+            acc.sum_b += cb.sum(1).to(dtype)
     acc.count += a.shape[1]
 
 
@@ -196,12 +206,14 @@ def collect_statistics(
     total: int | None = None,
     positions: int | None = None,
     seed: int = 0,
+    full_sites: bool = False,
 ) -> Statistics:
     """Run every batch through both models once and accumulate the probes' moments.
 
     ``positions``: for convolutions, use at most this many randomly drawn output positions
     per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all). The cost of those moments
     grows with positions x (2 x input patch size)^2, which dominates on large feature maps.
+    ``full_sites``: also accumulate each site's within-model moments and sums (ZipIt! matching).
     """
     gen = torch.Generator().manual_seed(seed)
     stats = Statistics()
@@ -223,7 +235,12 @@ def collect_statistics(
             placeholder = 0
             for i, (na, nb) in enumerate(zip(nodes_a, nodes_b)):
                 if na.op == "placeholder":
-                    env_a[na.name] = env_b[nb.name] = args[placeholder]
+                    if placeholder < len(args):
+                        env_a[na.name] = env_b[nb.name] = args[placeholder]
+                    elif na.args:  # an optional argument the batches leave out: its default
+                        env_a[na.name] = env_b[nb.name] = na.args[0]
+                    else:
+                        raise ValueError(f"the batches give {len(args)} inputs; the model needs {na.name!r} too")
                     placeholder += 1
                     continue
                 if na.op == "output":
@@ -247,6 +264,8 @@ def collect_statistics(
                         d = za.shape[axis]
                         zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)
                         acc_s = stats.sites[(na.name, axis)] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
+                        if full_sites:
+                            acc_s.aa, acc_s.bb, acc_s.sum_a, acc_s.sum_b = zeros(d, d), zeros(d, d), zeros(d), zeros(d)
                     _accumulate_site(acc_s, za, zb, axis, dtype)
                 for inp in na.all_input_nodes:
                     if last_use.get(inp.name) == i:

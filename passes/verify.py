@@ -72,6 +72,9 @@ def structural_parameters(spec: GroupSpec, plans: dict[int, GroupPlan], names: l
         for lay in spec.param_layouts[name]:
             m = axis_map(lay, plans, frozen)
             has_a, has_b = m.idx_a >= 0, m.idx_b >= 0
+            if not m.pairwise:  # ZipIt!-style: a merged feature fed by two features of one model
+                has_a = has_a | (m.idx_a2 >= 0)
+                has_b = has_b | (m.idx_b2 >= 0)
             on_a *= int(has_a.sum())
             on_b *= int(has_b.sum())
             on_both *= int((has_a & has_b).sum())

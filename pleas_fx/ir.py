@@ -96,25 +96,49 @@ class GroupPlan:
     """Which A and B features form each merged feature of one group.
 
     `src_a[f]` / `src_b[f]` is the A / B feature feeding merged feature f, or -1. Merged
-    features where both are set average the two sides; the others copy one side."""
+    features where both are set average the two sides; the others copy one side.
+
+    ZipIt!-style plans may also merge two features *of the same model*: `src_a2[f]` /
+    `src_b2[f]` is then a second A / B feature of merged feature f (-1 where there is none;
+    None: no such merges, the usual case). A merged feature averages all its sources (weight
+    1/n each in M); every source feature is copied back from it (weight 1 in U). Every
+    feature of A and of B feeds exactly one merged feature."""
 
     size: int
     src_a: np.ndarray
     src_b: np.ndarray
+    src_a2: np.ndarray | None = None
+    src_b2: np.ndarray | None = None
 
     @property
     def width(self) -> int:
         return int(self.src_a.shape[0])
 
     @property
+    def pairwise(self) -> bool:
+        """True when every merged feature has at most one source in each model."""
+        return not any(s is not None and bool((s >= 0).any()) for s in (self.src_a2, self.src_b2))
+
+    @property
     def merged_pairs(self) -> int:
-        return int(np.sum((self.src_a >= 0) & (self.src_b >= 0)))
+        """Number of merges (merged features with two sources): 2 * size - width."""
+        n = (self.src_a >= 0).astype(int) + (self.src_b >= 0)
+        for s in (self.src_a2, self.src_b2):
+            if s is not None:
+                n = n + (s >= 0)
+        return int(np.sum(n >= 2))
 
     @staticmethod
     def identity(size: int) -> "GroupPlan":
         """Frozen group: feature i of A averaged with feature i of B."""
         idx = np.arange(size)
         return GroupPlan(size, idx, idx.copy())
+
+    @staticmethod
+    def apart(size: int) -> "GroupPlan":
+        """Nothing merged: A's features, then B's (width 2 * size)."""
+        idx, none = np.arange(size), np.full(size, -1)
+        return GroupPlan(size, np.concatenate([idx, none]), np.concatenate([none, idx]))
 
     @staticmethod
     def from_matching(perm: np.ndarray, costs: np.ndarray, merged: int) -> "GroupPlan":
@@ -131,54 +155,107 @@ class GroupPlan:
         src_b = np.concatenate([perm[merged_a], absent(len(kept_a)), kept_b])
         return GroupPlan(d, src_a.astype(np.int64), src_b.astype(np.int64))
 
+    @staticmethod
+    def from_zip(size: int, pairs: np.ndarray, merged: int) -> "GroupPlan":
+        """ZipIt!: `pairs` (k, 2) are features of the stacked space [A; B] (index < size: A's
+        feature, else B's feature index - size), in the order they would be merged; the first
+        `merged` pairs become merged features, every other feature is kept alone."""
+        merged = int(np.clip(merged, 0, len(pairs)))
+        used = np.zeros(2 * size, dtype=bool)
+        rows = []
+        for p, q in np.asarray(pairs, dtype=np.int64)[:merged]:
+            if used[p] or used[q] or p == q:
+                raise ValueError(f"zip pairs reuse a feature: ({p}, {q})")
+            used[p] = used[q] = True
+            rows.append((p, q))
+        rows += [(s, -1) for s in np.flatnonzero(~used)]
+        cols = np.full((len(rows), 4), -1, dtype=np.int64)  # src_a, src_b, src_a2, src_b2
+        for f, members in enumerate(rows):
+            for s in members:
+                if s < 0:
+                    continue
+                side = 0 if s < size else 1
+                col = side if cols[f, side] < 0 else side + 2
+                cols[f, col] = s - side * size
+        plan = GroupPlan(size, cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3])
+        return plan if not plan.pairwise else GroupPlan(size, cols[:, 0], cols[:, 1])
+
 
 @dataclass
 class AxisMap:
     """A merge plan expanded onto one tensor axis: merged entry e reads A entry `idx_a[e]`
-    with weight `w_a[e]` and B entry `idx_b[e]` with weight `w_b[e]` (index -1: absent)."""
+    and B entry `idx_b[e]` (index -1: absent), and for ZipIt!-style plans a second A / B
+    entry `idx_a2[e]` / `idx_b2[e]` (None: no entry has one)."""
 
     idx_a: np.ndarray
     idx_b: np.ndarray
     frozen: bool
+    idx_a2: np.ndarray | None = None
+    idx_b2: np.ndarray | None = None
 
     @property
     def size(self) -> int:
         return int(self.idx_a.shape[0])
 
+    @property
+    def pairwise(self) -> bool:
+        return self.idx_a2 is None and self.idx_b2 is None
+
+    def _sources(self) -> np.ndarray:
+        n = (self.idx_a >= 0).astype(np.float64) + (self.idx_b >= 0)
+        for s in (self.idx_a2, self.idx_b2):
+            if s is not None:
+                n = n + (s >= 0)
+        return np.maximum(n, 1.0)
+
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """The averaging weights (rows of M): 1/2 for merged pairs, 1 for a kept feature."""
-        has_a, has_b = self.idx_a >= 0, self.idx_b >= 0
-        both = has_a & has_b
-        w_a = np.where(both, 0.5, has_a.astype(np.float64))
-        w_b = np.where(both, 0.5, has_b.astype(np.float64))
-        return w_a, w_b
+        """The averaging weights (rows of M): 1/2 for merged pairs, 1 for a kept feature
+        (for ZipIt!-style maps: the first source of each side; see `terms`)."""
+        n = self._sources()
+        return (self.idx_a >= 0) / n, (self.idx_b >= 0) / n
 
     def presence(self) -> tuple[np.ndarray, np.ndarray]:
         """Which side feeds each merged entry (rows of U transposed: copies, weight 1)."""
         return (self.idx_a >= 0).astype(np.float64), (self.idx_b >= 0).astype(np.float64)
 
+    def terms(self, side: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For side 0 (A) or 1 (B): every (index, M weight, U weight) source array of that side."""
+        n = self._sources()
+        out = []
+        for idx in ((self.idx_a, self.idx_a2) if side == 0 else (self.idx_b, self.idx_b2)):
+            if idx is not None:
+                has = (idx >= 0).astype(np.float64)
+                out.append((idx, has / n, has))
+        return out
+
 
 def axis_map(layout: Layout, plans: dict[int, GroupPlan], frozen: set[int], inner: int = 1) -> AxisMap:
     """Expand the group plans onto an axis with `layout` (each entry further split into
     `inner` consecutive sub-entries, e.g. a conv kernel's k*k taps in im2col order)."""
-    parts_a, parts_b = [], []
+    parts: list[list[np.ndarray]] = [[], [], [], []]
     offset = 0
+    second = False
     for seg in layout:
         plan = GroupPlan.identity(seg.size) if seg.group in frozen else plans[seg.group]
         sub = seg.inner * inner
         o = np.arange(seg.outer)[:, None, None] * (seg.size * sub)
         r = np.arange(sub)[None, None, :]
 
-        def expand(src: np.ndarray) -> np.ndarray:
+        def expand(src: np.ndarray | None) -> np.ndarray:
+            if src is None:
+                src = np.full(plan.width, -1, dtype=np.int64)
             idx = offset + o + src[None, :, None] * sub + r
             return np.where(src[None, :, None] >= 0, idx, -1).reshape(-1)
 
-        parts_a.append(expand(plan.src_a))
-        parts_b.append(expand(plan.src_b))
+        for k, src in enumerate((plan.src_a, plan.src_b, plan.src_a2, plan.src_b2)):
+            parts[k].append(expand(src))
+        second = second or not plan.pairwise
         offset += seg.numel * inner
     is_frozen = all(seg.group in frozen for seg in layout)
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return AxisMap(cat(parts_a).astype(np.int64), cat(parts_b).astype(np.int64), is_frozen)
+    cat = lambda p: (np.concatenate(p) if p else np.zeros(0, dtype=np.int64)).astype(np.int64)
+    if not second:
+        return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen)
+    return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen, cat(parts[2]), cat(parts[3]))
 
 
 def merged_axis_size(layout: Layout, widths: dict[int, int], frozen: set[int]) -> int:

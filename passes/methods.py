@@ -1,0 +1,134 @@
+"""Merge methods as choices over the same passes.
+
+A method is (matching, weight solve, BatchNorm repair default):
+
+| method          | matching                              | weights                       | repair |
+|-----------------|---------------------------------------|-------------------------------|--------|
+| pleas           | activation (weight without data)      | least squares (PLeaS)         | off    |
+| average         | identity                              | mapped (average)              | on     |
+| rebasin_weight  | weight (Git Re-Basin, data-free)      | mapped (average permuted)     | on     |
+| permute         | activation (Git Re-Basin / "Permute") | mapped (average permuted)     | on     |
+| zipit           | ZipIt! (within and across models)     | mapped (ZipIt! merge/unmerge) | on     |
+| regmean         | identity                              | RegMean least squares         | on     |
+
+"mapped" is W = M_out blkdiag(W_A, W_B) U_in for every tensor (passes/fill.py). At a budget
+above 1 every method keeps its worst-matched pairs apart (for ZipIt!: merges only the first
+pairs of its greedy order), with widths from the same allocator as PLeaS. "repair" resets every
+BatchNorm's running statistics on the calibration data after merging (REPAIR-style; Jordan et
+al., ICLR 2023, reset variant).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pleas_fx.errors import PleasError
+from pleas_fx.ir import GroupPlan, GroupSpec
+from passes.matching import Matching, activation_matching, identity_matching, weight_matching, zipit_matching
+from passes.statistics import Statistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    matching: str  # "auto" (activation with data, weight without) | "activation" | "weight" | "identity" | "zipit"
+    solve: str  # "least_squares" | "regmean" | "mapped" (passes/fill.py)
+    repair: bool  # default of merge(repair=None)
+    summary: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("pleas", "auto", "least_squares", False, "PLeaS: permutations + least squares"),
+    Method("average", "identity", "mapped", True, "plain weight averaging"),
+    Method("rebasin_weight", "weight", "mapped", True, "Git Re-Basin weight matching, permuted weights averaged"),
+    Method("permute", "activation", "mapped", True, "activation matching, permuted weights averaged"),
+    Method("zipit", "zipit", "mapped", True, "ZipIt!: feature matching within and across models"),
+    Method("regmean", "identity", "regmean", True, "RegMean: least squares without permutations"),
+)}
+
+
+def get_method(name: str) -> Method:
+    if not isinstance(name, str) or name not in METHODS:
+        raise PleasError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_matching(method: Method, matching: str | None, has_data: bool) -> str:
+    """The matching a merge uses; `matching` (the user's override) is allowed for pleas only."""
+    if method.matching == "auto":
+        chosen = matching or ("activation" if has_data else "weight")
+        if chosen not in ("activation", "weight"):
+            raise PleasError(f"matching must be 'activation' or 'weight', got {chosen!r}")
+        return chosen
+    if matching is not None and matching != method.matching:
+        raise PleasError(f"method={method.name!r} uses {method.matching} matching by definition; "
+                         f"matching={matching!r} applies to method='pleas' only")
+    return method.matching
+
+
+def needs_sites(matching: str, has_data: bool) -> bool:
+    """Whether the statistics pass must measure activation sites."""
+    return matching in ("activation", "zipit") or (matching == "identity" and has_data)
+
+
+def match(matching: str, spec: GroupSpec, stats: Statistics | None, gm_a: fx.GraphModule,
+          gm_b: fx.GraphModule, seed: int = 0) -> Matching:
+    if matching == "activation":
+        return activation_matching(spec, stats)
+    if matching == "weight":
+        return weight_matching(spec, gm_a, gm_b, seed=seed)
+    if matching == "identity":
+        return identity_matching(spec, stats, gm_a, gm_b)
+    if matching == "zipit":
+        return zipit_matching(spec, stats)
+    raise PleasError(f"unknown matching {matching!r}")
+
+
+def plans_for(spec: GroupSpec, m: Matching, widths: dict[int, int]) -> dict[int, GroupPlan]:
+    """Every mergeable group's plan at the given widths (2d - width merges each)."""
+    plans = {}
+    for g in spec.mergeable():
+        merges = 2 * g.size - widths[g.id]
+        if m.pairs is not None:
+            plans[g.id] = GroupPlan.from_zip(g.size, m.pairs[g.id], merges)
+        else:
+            plans[g.id] = GroupPlan.from_matching(m.perm[g.id], m.pair_cost[g.id], merges)
+    return plans
+
+
+@torch.no_grad()
+def repair_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:
+    """Reset every BatchNorm's running statistics to exact averages over `batches` (argument
+    tuples), one forward pass in train mode with cumulative averaging; weights are untouched.
+    Returns the number of BatchNorm modules reset; the model is left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    try:
+        for args in batches:
+            if int(args[0].shape[0]) < 2:
+                continue  # train-mode BatchNorm needs two samples
+            model(*args)
+            seen += 1
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise PleasError("repair=True needs calibration batches of at least 2 samples")
+    log.info("repair: reset %d BatchNorm(s) on %d batch(es)", len(norms), seen)
+    return len(norms)
