@@ -360,16 +360,47 @@ def reshape(ctx, node):
         elif len(outs) == 1:
             out[outs[0]] = _flatten(ctx, [x[i] for i in ins], [in_sizes[i] for i in ins])
         elif len(ins) == 1:
-            parts = unflatten_layout(x[ins[0]], [out_sizes[j] for j in outs], ctx.is_frozen)
+            span = list(range(outs[0], outs[-1] + 1))  # with the size-1 axes in between (one head)
+            sizes = [out_sizes[j] for j in span]
+            parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen)
+            if parts is None and _refine_for_split(ctx, x[ins[0]], sizes):
+                x = ctx.layouts(node.args[0])
+                parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen)
             if parts is None:
                 ctx.freeze(x[ins[0]], f"reshape splits a permutable axis ({in_sizes} -> {out_sizes}) at {ctx.where()}")
-                parts = [None] * len(outs)
-            for j, lay in zip(outs, parts):
+                parts = [None] * len(span)
+            for j, lay in zip(span, parts):
                 out[j] = lay
         else:
             ctx.freeze([x[i] for i in ins], f"reshape regroups axes ({in_sizes} -> {out_sizes}) at {ctx.where()}")
     return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "spatial")
             for lay, n in zip(out, out_sizes)]
+
+
+def _refine_for_split(ctx, layout: Layout, sizes: list[int]) -> bool:
+    """A permutable group split into several axes (a fused qkv output viewed as 3 x heads x
+    head_dim, channels viewed as groups x channels-per-group): coarsen the group so its units
+    are the entries of one of the new axes, each carrying the axes after it. The unit axis is
+    the last but one (heads in (3, heads, head_dim), also when heads == 1, and in (heads,
+    head_dim))."""
+    if len(layout) != 1 or ctx.is_frozen(layout):
+        return False
+    seg = layout[0]
+    if len(sizes) < 2 or prod(sizes) != seg.numel:
+        return False
+    # the new axes must cut the group's own units: repetitions (outer/inner) stay outside
+    cum = [1]
+    for n in sizes:
+        cum.append(cum[-1] * n)
+    unit_axis = len(sizes) - 2
+    before, after = cum[unit_axis], prod(sizes[unit_axis + 1:])
+    if before % seg.outer or after % seg.inner:
+        return False
+    outer, inner = before // seg.outer, after // seg.inner
+    if outer * sizes[unit_axis] * inner != seg.size:
+        return False
+    ctx.refine(seg.group, outer, sizes[unit_axis], inner)
+    return True
 
 
 @register_handler("permute", torch.permute)
@@ -568,6 +599,25 @@ def matmul(ctx, node):
             acc = ctx.unify(acc, c)
         batch.insert(0, acc)
     return [*batch, la[-2], lb[-1]]
+
+
+@register_handler(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(ctx, node):
+    """softmax(q k^T * scale + mask) v over (..., tokens, head_dim) tensors: the leading (batch,
+    heads) axes of q, k, v and the output share permutations; q's and k's feature axis and the
+    key-token axis are contracted between activations (frozen); the output's last axis is v's."""
+    q, k, v = (ctx.layouts(ctx.arg(i, name)) for i, name in enumerate(("query", "key", "value")))
+    if any(lay is None for lay in (q, k, v)) or len(q) != len(k) or len(k) != len(v):
+        return _unknown(ctx, node, f"attention on tensors of different ranks at {ctx.where()}")
+    mask = ctx.arg(3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        ctx.freeze(ctx.layouts(mask), f"attention mask at {ctx.where()}")
+    for lay, why in ((q[-1], "query features"), (k[-1], "key features"), (k[-2], "key tokens"),
+                     (v[-2], "value tokens")):
+        if not ctx.is_frozen(lay):
+            ctx.freeze(lay, f"{why} contracted between activations at {ctx.where()}")
+    lead = [ctx.unify(ctx.unify(a, b), c) for a, b, c in zip(q[:-2], k[:-2], v[:-2])]
+    return [*lead, q[-2], v[-1]]
 
 
 # --------------------------------------------------------------------------- non-tensor plumbing

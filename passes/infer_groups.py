@@ -143,6 +143,31 @@ class InferenceContext:
         self.freeze(b, reason)
         return a if len(a) else b
 
+    def refine(self, group: int, outer: int, units: int, inner: int) -> None:
+        """Coarsen a group of n = outer * units * inner features to `units` blocks of `inner`
+        consecutive features, the block structure repeated `outer` times (e.g. a fused qkv axis
+        of 3 x heads x head_dim becomes `heads` units). Only permutations that move whole blocks,
+        the same way in every repetition, remain allowed: a subset of the old ones, so every
+        earlier conclusion stays sound. Every layout recorded so far is rewritten."""
+        root = self.uf.find(group)
+        if self.uf.size[root] != outer * units * inner:
+            raise ValueError(f"cannot refine a group of {self.uf.size[root]} into {outer} x {units} x {inner}")
+
+        def rewrite(layout: Layout) -> Layout:
+            return tuple(Segment(s.group, units, s.inner * inner, s.outer * outer)
+                         if self.uf.find(s.group) == root else s for s in layout)
+
+        def rewrite_value(value: Any) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, TupleLayouts):
+                return TupleLayouts(rewrite_value(v) for v in value)
+            return [rewrite(lay) for lay in value]
+
+        self.values = {name: rewrite_value(v) for name, v in self.values.items()}
+        self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
+        self.uf.size[root] = units
+
     def param(self, name: str, layouts: list[Layout], roles: list[str] | None = None) -> list[Layout]:
         """Declare a parameter's (or buffer's) axes; a second declaration unifies with the first."""
         roles = roles or ["out"] * len(layouts)

@@ -25,7 +25,8 @@ class TracedPair:
 
 
 def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
-    """A traced, eval-mode deep copy of `model`."""
+    """A traced, eval-mode deep copy of `model`, with opaque attention modules lowered to
+    primitive ops (passes/lower.py)."""
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
     else:
@@ -39,7 +40,9 @@ def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
                 f"{type(exc).__name__}: {exc}. Data-dependent Python control flow is the usual "
                 "cause; make that code a leaf module or rewrite it without branching on tensors."
             ) from exc
-    return gm.eval()
+    from passes.lower import lower_multihead_attention
+
+    return lower_multihead_attention(gm).eval()
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -1,0 +1,236 @@
+"""Transformers: heads permute as units, attention is widened by heads, and the invariants of
+DESIGN.md hold on random transformers (hypothesis), timm ViTs and torchvision's ViT.
+
+Budget 2 is not the ensemble here: LayerNorm normalises across the widened residual stream
+(DESIGN.md invariant 1 excludes it); merged ViTs must still be finite and within budget."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pleas_fx
+from passes.verify import relative_error
+from tests import nets
+
+
+class Attention(nn.Module):
+    """Self-attention in one of the forms found in the wild."""
+
+    def __init__(self, dim: int, heads: int, kind: str):
+        super().__init__()
+        self.heads, self.head_dim, self.kind = heads, dim // heads, kind
+        if kind == "mha":
+            self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        elif kind == "separate":
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if self.kind == "mha":
+            return self.mha(x, x, x, need_weights=False)[0]
+        if self.kind == "separate":  # BERT style: separate projections, view + permute, explicit softmax
+            q, k, v = (p(x).view(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3) for p in (self.q, self.k, self.v))
+            attn = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            y = torch.matmul(attn.softmax(dim=-1), v).permute(0, 2, 1, 3).reshape(b, n, c)
+        else:  # timm style: fused qkv, reshape to (3, heads, head_dim), fused or explicit attention
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.kind == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:
+                y = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+            y = y.transpose(1, 2).reshape(b, n, c)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, kind, mlp, pre_norm):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, kind)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim, self.cls = cfg["heads"] * cfg["head_dim"], cfg["cls"]
+        self.patch = nn.Conv2d(1, dim, 4, stride=4)
+        tokens = 4 + int(self.cls)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.1)
+        if self.cls:
+            self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.blocks = nn.Sequential(*[Block(dim, cfg["heads"], cfg["kind"], cfg["mlp"], cfg["pre_norm"])
+                                      for _ in range(cfg["depth"])])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        if self.cls:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.blocks(x + self.pos)
+        x = self.norm(x)
+        return self.head(x[:, 0] if self.cls else x.mean(1))
+
+
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
+    """Random LayerNorm affines (defaults would hide mapping bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen))
+    return model.eval()
+
+
+def build(cfg, seed):
+    torch.manual_seed(seed)
+    return _randomised(TinyViT(cfg), seed)
+
+
+transformer_configs = st.fixed_dictionaries({
+    "heads": st.integers(2, 3), "head_dim": st.sampled_from([2, 4]), "depth": st.integers(1, 2),
+    "mlp": st.sampled_from([4, 8]), "kind": st.sampled_from(["fused", "sdpa", "separate", "mha"]),
+    "pre_norm": st.booleans(), "cls": st.booleans(),
+})
+
+
+def _heads_group(merged_or_spec_groups, heads):
+    return [g for g in merged_or_spec_groups if g["size"] == heads]
+
+
+@nets.hypothesis_settings(8)
+@given(transformer_configs, st.integers(0, 1000))
+def test_random_transformers_sound_self_merge_and_widened_heads(cfg, seed):
+    a = build(cfg, seed)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    data = [torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(2)]
+    gm, spec, permuted, perms = nets.permuted_copy(a, x, seed)
+    # every attention is understood: nothing frozen but the token axis
+    frozen = [g for g in spec.groups.values() if g.frozen and g.reasons and
+              not any(r.startswith(("network", "batch", "spatial", "kernel", "size-1", "constant")) for r in g.reasons)]
+    assert all(g.size == 4 + int(cfg["cls"]) for g in frozen), [(g.size, g.reasons) for g in frozen]
+    assert relative_error(nets.run(permuted, x), nets.run(a, x)) < 1e-5
+    merged = pleas_fx.merge(a, permuted, x, 1.0, data=data, progress=False)
+    assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
+    b = build(cfg, seed + 1)
+    merged = pleas_fx.merge(a, b, x, 2.0, data=data, progress=False)
+    report = merged.meta["pleas_fx"]
+    assert report["achieved_budget"] <= 2.0 and torch.isfinite(nets.run(merged, x)).all()
+    # heads kept apart: a group of `heads` units per attention layer, each at twice the heads
+    head_groups = [g for g in report["groups"] if g["size"] == cfg["heads"]]  # residual and MLP groups are wider
+    assert len(head_groups) == cfg["depth"] and all(g["size"] == cfg["heads"] and g["width"] == 2 * cfg["heads"]
+                                                     for g in head_groups)
+
+
+@pytest.mark.parametrize("kind", ["fused", "sdpa", "separate", "mha"])
+def test_one_head_is_sound_and_self_merges(kind):
+    cfg = {"heads": 1, "head_dim": 4, "depth": 1, "mlp": 8, "kind": kind, "pre_norm": True, "cls": True}
+    a = build(cfg, 0)
+    x = torch.randn(3, 1, 8, 8)
+    _, _, permuted, _ = nets.permuted_copy(a, x, 1)
+    assert relative_error(nets.run(permuted, x), nets.run(a, x)) < 1e-5
+    merged = pleas_fx.merge(a, permuted, x, 1.0, data=[torch.randn(6, 1, 8, 8)], progress=False)
+    assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
+
+
+def test_reshape_to_heads_permutes_heads_as_units():
+    """The fused qkv axis (3 x heads x head_dim) is one group of `heads` units of head_dim
+    entries repeated for q, k and v: a permutation moves whole heads, the same in q, k and v."""
+    from passes.infer_groups import infer_groups
+    from passes.trace import propagate_shapes, trace_model
+
+    cfg = {"heads": 3, "head_dim": 4, "depth": 1, "mlp": 8, "kind": "fused", "pre_norm": True, "cls": False}
+    gm = trace_model(build(cfg, 0), "m")
+    propagate_shapes(gm, (torch.randn(2, 1, 8, 8),))
+    spec = infer_groups(gm)
+    (layout,) = [spec.param_layouts["blocks.0.attn.qkv.weight"][0]]
+    (seg,) = layout
+    assert (spec.groups[seg.group].size, seg.inner, seg.outer) == (3, 4, 3)
+    assert spec.param_layouts["blocks.0.attn.proj.weight"][1] == ((seg.group, 3, 4, 1),) or \
+        [(s.group, s.size, s.inner, s.outer) for s in spec.param_layouts["blocks.0.attn.proj.weight"][1]] == [(seg.group, 3, 4, 1)]
+    assert not spec.groups[seg.group].frozen
+
+
+def _timm(name, seed, **kw):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, img_size=32, num_classes=5, **kw).eval()
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vits_are_sound_and_merge(name):
+    a = _timm(name, 0)
+    x = torch.randn(2, 3, 32, 32)
+    gm, spec, permuted, perms = nets.permuted_copy(a, x, 1)
+    heads = [g for g in spec.mergeable()
+             if any(re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", p.name) and p.axis == 0 for p in g.params)]
+    assert len(heads) == 12 and all(g.size == 3 for g in heads)
+    assert relative_error(nets.run(permuted, x), nets.run(a, x)) < 1e-5
+    # merges (2 blocks keep the suite fast; the code path is the same for 12)
+    a2, b2 = _timm(name, 0, depth=2), _timm(name, 1, depth=2)
+    data = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    _, _, p2, _ = nets.permuted_copy(a2, x, 2)
+    merged = pleas_fx.merge(a2, p2, x, 1.0, data=data, progress=False)
+    assert relative_error(nets.run(merged, x), nets.run(a2, x)) < 1e-4
+    for budget in (1.0, 1.5, 2.0):
+        merged = pleas_fx.merge(a2, b2, x, budget, data=data, progress=False)
+        assert merged.meta["pleas_fx"]["achieved_budget"] <= budget + 1e-9
+        assert torch.isfinite(nets.run(merged, x)).all()
+
+
+def test_torchvision_vit_multihead_attention_is_lowered_and_sound():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision zero-initialises the head
+    x = torch.randn(2, 3, 32, 32)
+    gm, spec, permuted, perms = nets.permuted_copy(model, x, 1)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in gm.modules())
+    heads = [g for g in spec.mergeable()
+             if any(p.name.endswith("self_attention.in_proj.weight") and p.axis == 0 for p in g.params)]
+    assert len(heads) == 12 and all(g.size == 12 for g in heads)
+    assert relative_error(nets.run(permuted, x), nets.run(model, x)) < 1e-5
+
+
+def test_torchvision_vit_self_merge_and_budgets():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+        nn.init.normal_(m.heads.head.weight, std=0.2)
+        return _randomised(m, seed)
+
+    a, b = make(0), make(1)
+    x = torch.randn(4, 3, 32, 32)
+    data = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    _, _, permuted, _ = nets.permuted_copy(a, x, 3)
+    merged = pleas_fx.merge(a, permuted, x, 1.0, data=data, progress=False)
+    assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
+    merged = pleas_fx.merge(a, b, x, [1.0, 1.5, 2.0], data=data, progress=False)
+    for m, budget in zip(merged, (1.0, 1.5, 2.0)):
+        assert m.meta["pleas_fx"]["achieved_budget"] <= budget + 1e-9
+        assert torch.isfinite(nets.run(m, x)).all()
+    # at budget 2 every attention has 8 heads: the reshape to heads was rewritten
+    assert any(n.target == "reshape" and 8 in n.args for n in merged[-1].graph.nodes)
