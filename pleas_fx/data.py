@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -53,10 +53,11 @@ def checked_batches(data: Iterable, example_args: tuple, max_batches: int | None
         raise DataError("data yielded no batches")
 
 
-def generated_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple]:
-    """Data-free mode: inputs shaped like example_input. Floating inputs are drawn from a
-    standard normal (matching the usual normalised inputs); integer inputs uniformly from
-    the example's value range."""
+def batches_like(example_args: tuple, batches: int, batch_size: int, seed: int,
+                 floating: Callable[[tuple, torch.Generator], torch.Tensor]) -> list[tuple]:
+    """`batches` batches of inputs shaped like `example_args` (batch axis `batch_size`): floating
+    inputs from `floating(shape, generator)`, integer inputs (token ids, indices) uniformly from
+    the example's value range, each on the example's device and dtype."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(batches):
@@ -64,10 +65,18 @@ def generated_batches(example_args: tuple, batches: int, batch_size: int = 32, s
         for e in example_args:
             shape = (batch_size, *e.shape[1:])
             if e.is_floating_point():
-                t = torch.randn(shape, generator=gen, dtype=torch.float32)
+                t = floating(shape, gen)
             else:
                 hi = int(e.max()) + 1 if e.numel() else 2
                 t = torch.randint(int(e.min()) if e.numel() else 0, max(hi, 1), shape, generator=gen)
             args.append(t.to(device=e.device, dtype=e.dtype))
         out.append(tuple(args))
     return out
+
+
+def generated_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple]:
+    """Data-free mode: inputs shaped like example_input. Floating inputs are drawn from a
+    standard normal (matching the usual normalised inputs); integer inputs uniformly from
+    the example's value range."""
+    return batches_like(example_args, batches, batch_size, seed,
+                        lambda shape, gen: torch.randn(shape, generator=gen, dtype=torch.float32))

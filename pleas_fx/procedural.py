@@ -67,23 +67,16 @@ def procedural_image(channels: int, shape: tuple[int, ...], gen: torch.Generator
 
 def procedural_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple]:
     """`batches` batches of procedural inputs shaped like `example_args` (see the module doc)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(batches):
-        args = []
-        for e in example_args:
-            shape = (batch_size, *e.shape[1:])
-            if not e.is_floating_point():
-                hi = int(e.max()) + 1 if e.numel() else 2
-                t = torch.randint(int(e.min()) if e.numel() else 0, max(hi, 1), shape, generator=gen)
-            elif e.dim() == 4:
-                t = torch.stack([procedural_image(shape[1], tuple(shape[2:]), gen) for _ in range(batch_size)])
-            elif e.dim() == 3:
-                t = torch.stack([procedural_image(shape[1], (shape[2],), gen) for _ in range(batch_size)])
-            elif e.dim() == 2:
-                t = torch.stack([procedural_image(1, (shape[1],), gen)[0] for _ in range(batch_size)])
-            else:
-                t = torch.randn(shape, generator=gen)
-            args.append(t.to(device=e.device, dtype=e.dtype))
-        out.append(tuple(args))
-    return out
+    from pleas_fx.data import batches_like
+
+    def floating(shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        n = shape[0]
+        if len(shape) == 4:
+            return torch.stack([procedural_image(shape[1], tuple(shape[2:]), gen) for _ in range(n)])
+        if len(shape) == 3:
+            return torch.stack([procedural_image(shape[1], (shape[2],), gen) for _ in range(n)])
+        if len(shape) == 2:
+            return torch.stack([procedural_image(1, (shape[1],), gen)[0] for _ in range(n)])
+        return torch.randn(shape, generator=gen)
+
+    return batches_like(example_args, batches, batch_size, seed, floating)

@@ -145,25 +145,17 @@ def test_regmean_at_budget_one_is_its_closed_form(seed, hidden):
     assert (merged.get_submodule("net.2").weight.detach().double() - avg).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("method", ["regmean", "zipit"])
 @nets.hypothesis_settings(8)
 @given(cfg=nets.net_configs(only_mergeable=True), seed=seeds)
-def test_regmean_at_budget_two_is_the_ensemble(cfg, seed):
+def test_regmean_and_zipit_at_budget_two_are_the_ensemble(method, cfg, seed):
     a, b = nets.build(cfg, seed).eval(), nets.build(cfg, seed + 1).eval()
     x, data = nets.example_and_data(cfg, seed)
-    merged = _merge(a, b, x, 2.0, data, method="regmean", repair=False)
+    merged = _merge(a, b, x, 2.0, data, method=method, repair=False)
     assert relative_error(nets.run(merged, x), nets.ensemble(a, b, x)) < 1e-4
 
 
 # --------------------------------------------------------------------------- ZipIt!
-@nets.hypothesis_settings(10)
-@given(cfg=nets.net_configs(only_mergeable=True), seed=seeds)
-def test_zipit_at_budget_two_is_the_ensemble(cfg, seed):
-    a, b = nets.build(cfg, seed).eval(), nets.build(cfg, seed + 1).eval()
-    x, data = nets.example_and_data(cfg, seed)
-    merged = _merge(a, b, x, 2.0, data, method="zipit", repair=False)
-    assert relative_error(nets.run(merged, x), nets.ensemble(a, b, x)) < 1e-4
-
-
 @nets.hypothesis_settings(8)
 @given(seed=seeds, hidden=st.lists(st.integers(2, 7), min_size=1, max_size=3), bn=st.booleans())
 def test_zipit_self_merge_with_a_permuted_copy_is_the_identity(seed, hidden, bn):

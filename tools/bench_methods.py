@@ -11,9 +11,9 @@ Scenarios (all images 1x14x14, normalised per domain):
 - seeds:    same data (all MNIST training digits), different initialisations and batch orders.
             Metric: test accuracy.
 
-Architectures: a ResNet-style CNN (pleas_fx.demo.DigitResNet) and a VGG-style CNN (conv-BN-ReLU
-stacks, max pooling, flatten, two Linear layers). A small ViT is not run: pleas_fx does not
-merge transformers yet (attention's head structure is frozen by group inference).
+Architectures: a ResNet-style CNN (pleas_fx.demo.DigitResNet), a VGG-style CNN (conv-BN-ReLU
+stacks, max pooling, flatten, two Linear layers) and a small ViT (2x2 patches, class token,
+two pre-norm blocks with 4-head fused-qkv attention; no BatchNorm, so repair changes nothing).
 
 Methods: ensemble (the upper bound, 2x), pleas, pleas_repair (pleas with repair=True: BatchNorm
 statistics reset on the calibration data after merging), pleas_free (pleas with procedural
@@ -52,7 +52,7 @@ from pleas_fx.demo import DigitResNet, load_digits_split, recalibrate_bn, train_
 BUDGETS = (1.0, 1.2, 1.5, 1.8, 2.0)
 METHODS = ("pleas", "pleas_repair", "pleas_free", "average", "rebasin_weight", "permute", "zipit", "regmean")
 SCENARIOS = ("domains", "disjoint", "seeds")
-ARCHS = ("resnet", "vgg")
+ARCHS = ("resnet", "vgg", "vit")
 
 
 # --------------------------------------------------------------------------- models
@@ -77,7 +77,40 @@ class DigitVGG(nn.Module):
         return self.fc(self.relu(self.fc1(x)))
 
 
+class DigitViT(nn.Module):
+    """A small pre-norm ViT for 1x14x14 digits: 2x2 patches (49 tokens) and a class token,
+    `depth` blocks of fused-qkv multi-head self-attention and a GELU MLP, a Linear head."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10, depth: int = 2, heads: int = 4):
+        super().__init__()
+        dim = 2 * width
+        self.heads, self.head_dim = heads, dim // heads
+        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 50, dim))
+        self.norms1 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                  for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos
+        for norm1, qkv, proj, norm2, mlp in zip(self.norms1, self.qkv, self.proj, self.norms2, self.mlps):
+            q, k, v = qkv(norm1(x)).reshape(b, n + 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = x + proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n + 1, c))
+            x = x + mlp(norm2(x))
+        return self.fc(self.norm(x)[:, 0])
+
+
 def make_model(arch: str, classes: int, width: int) -> nn.Module:
+    if arch == "vit":
+        return DigitViT(width, classes)
     return DigitResNet(width=width, num_classes=classes) if arch == "resnet" else DigitVGG(width, classes)
 
 
