@@ -138,7 +138,13 @@ class InferenceContext:
         )
         if same and all(self.uf.union(x.group, y.group) for x, y in zip(a, b)):
             return a
-        reason = f"axes of different structure meet at {self.where()}"
+        frozen_side = a if self.is_frozen(a) else b if self.is_frozen(b) else None
+        if frozen_side is not None and len(frozen_side):
+            # meeting an axis that is frozen anyway (tokens meeting a position embedding):
+            # the other side inherits why that axis is frozen
+            reason = self.uf.reasons.get(self.uf.find(frozen_side[0].group), ["constant"])[0]
+        else:
+            reason = f"axes of different structure meet at {self.where()}"
         self.freeze(a, reason)
         self.freeze(b, reason)
         return a if len(a) else b

@@ -67,12 +67,18 @@ def _fix_module(mod: nn.Module, in_shape, was_depthwise: bool) -> None:
 
 
 def _rewrite_sizes(args: tuple, old: list[int], new: list[int]) -> tuple:
-    """Replace integer sizes equal to the old dim size by the new one, position by position."""
+    """Replace integer sizes equal to the old dim size by the new one, position by position.
+
+    A size computed in the graph (``B, N, C = x.shape; y.reshape(B, N, C)``) is replaced by the
+    constant new size where the axis was widened: a widened axis holds features, whose count is
+    fixed by the model, and C may read another group's width (heads x head_dim is not the
+    residual width once the two are merged differently)."""
     packed = len(args) == 1 and isinstance(args[0], (list, tuple))
     sizes = list(args[0]) if packed else list(args)
     if len(sizes) != len(old):
         return args
-    out = [n if (isinstance(s, int) and s == o and s != -1) else s for s, o, n in zip(sizes, old, new)]
+    out = [n if (isinstance(s, int) and s == o and s != -1) or (isinstance(s, fx.Node) and o != n) else s
+           for s, o, n in zip(sizes, old, new)]
     return (type(args[0])(out),) if packed else tuple(out)
 
 
