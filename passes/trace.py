@@ -113,11 +113,23 @@ def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
             ) from exc
 
 
-def trace_pair(model_a, model_b, example_args: tuple) -> TracedPair:
+def model_inputs(gm: fx.GraphModule) -> list[tuple[str, Any]]:
+    """The traced model's inputs in order: (name, default or data.REQUIRED)."""
+    from pleas_fx.data import REQUIRED
+
+    return [(n.target, n.args[0] if n.args else REQUIRED) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
+    """Trace both models, check them, and bind example_input (a tensor, tuple, or dict by input
+    name) to the traced inputs."""
+    from pleas_fx.data import as_args
+
     gm_a, gm_b = trace_model(model_a, "model_a"), trace_model(model_b, "model_b")
     check_same_architecture(gm_a, gm_b)
     check_finite(gm_a, "model_a")
     check_finite(gm_b, "model_b")
+    example_args = as_args(example_input, model_inputs(gm_a))
     device = next((a.device for a in example_args if torch.is_tensor(a)), torch.device("cpu"))
     gm_a.to(device)
     gm_b.to(device)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from pleas_fx.data import as_args, checked_batches, generated_batches
+from pleas_fx.data import checked_batches, generated_batches
 from pleas_fx.errors import BudgetError, DataError, PleasError
 from pleas_fx.ir import GroupPlan, GroupSpec
 from pleas_fx.procedural import procedural_batches
@@ -19,7 +19,7 @@ from passes.allocate import AllocationOptions, Footprint, WidthAllocator
 from passes.fill import fill, plan_least_squares
 from passes.infer_groups import infer_groups
 from passes.statistics import Statistics, collect_statistics
-from passes.trace import getattr_path, propagate_shapes, trace_pair
+from passes.trace import getattr_path, model_inputs, propagate_shapes, trace_pair
 from passes.verify import count_parameters, structural_parameters
 from passes.widen import widen
 
@@ -81,7 +81,9 @@ def merge(
 
     Args:
         model_a, model_b: the source models (never modified).
-        example_input: a tensor (or tuple of tensors) the models accept; fixes shapes.
+        example_input: a tensor, a tuple of tensors, or a dict of tensors by input name (e.g.
+            input_ids and attention_mask; left-out inputs take their defaults) the models
+            accept; fixes shapes. Integer inputs (token ids) are never averaged or permuted.
         budget: in [1, 2]; 1 merges every feature pair, 2 keeps both models whole (the
             ensemble). A list of budgets returns one merged model per budget from a single
             statistics pass.
@@ -151,11 +153,10 @@ def merge(
     if matching in ("activation", "zipit") and data is None:
         log.info("no data given: activation matching runs on generated inputs")
     timer = _Timer()
-    example_args = as_args(example_input)
-
     with timer("trace"):
-        pair = trace_pair(model_a, model_b, example_args)
-    gm_a, gm_b = pair.gm_a, pair.gm_b
+        pair = trace_pair(model_a, model_b, example_input)
+    gm_a, gm_b, example_args = pair.gm_a, pair.gm_b, pair.example_args
+    inputs = model_inputs(gm_a)
     with timer("infer_groups"):
         spec = infer_groups(gm_a)
     head = _separate_head(spec, gm_a) if heads == "separate" else None
@@ -170,12 +171,12 @@ def merge(
             batches: Iterable = list(data(example_args, n_gen, seed))
             if not batches:
                 raise DataError("the data function returned no batches")
-            batches = list(checked_batches(batches, example_args, None))
+            batches = list(checked_batches(batches, example_args, None, inputs))
         else:
             batches = GENERATORS[data or "gaussian"](example_args, n_gen, seed=seed)
         total = len(batches)
     else:
-        batches = checked_batches(data, example_args, max_batches)
+        batches = checked_batches(data, example_args, max_batches, inputs)
         total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
         if do_repair:  # read twice: statistics, then BatchNorm repair
             batches = list(batches)

@@ -239,3 +239,72 @@ def test_torchvision_vit_self_merge_and_budgets():
         assert torch.isfinite(nets.run(m, x)).all()
     # at budget 2 every attention has 8 heads: the reshape to heads was rewritten
     assert any(n.target == "reshape" and 8 in n.args for n in merged[-1].graph.nodes)
+
+
+class TinyText(nn.Module):
+    """A BERT-like encoder taking token ids and an attention mask (HF calling convention)."""
+
+    def __init__(self, vocab=40, dim=8, heads=2):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, 6, dim) * 0.1)
+        self.norm0 = nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+        x = self.norm0(self.embed(input_ids) + self.pos)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = attention_mask[:, None, None, :].bool()
+        x = self.norm1(x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, c)))
+        x = x + self.mlp(x)
+        pooled = (x * attention_mask[:, :, None]).sum(1) / attention_mask.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def _text_batch(seed, n=8):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (n, 6), generator=gen)
+    mask = torch.ones(n, 6, dtype=torch.long)
+    mask[: n // 2, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_dict_inputs_with_token_ids_and_a_mask():
+    from passes.infer_groups import infer_groups
+    from passes.trace import propagate_shapes, trace_model
+    from passes.verify import permute_model, random_permutations
+
+    torch.manual_seed(0)
+    a = _randomised(TinyText(), 0)
+    example = _text_batch(0)
+    args = (example["input_ids"], None, example["attention_mask"])
+    gm = trace_model(a, "a")
+    propagate_shapes(gm, args)
+    spec = infer_groups(gm)
+    heads = [g for g in spec.mergeable() if any(p.name == "qkv.weight" and p.axis == 0 for p in g.params)]
+    assert len(heads) == 1 and heads[0].size == 2
+    permuted = permute_model(gm, spec, random_permutations(spec, 1))
+    with torch.no_grad():
+        assert relative_error(permuted(*args), a(**example)) < 1e-5
+    data = [_text_batch(i) for i in range(1, 4)]
+    merged = pleas_fx.merge(a, permuted, example, 1.0, data=data, progress=False)
+    with torch.no_grad():
+        assert relative_error(merged(*args), a(**example)) < 1e-4
+    torch.manual_seed(1)
+    b = _randomised(TinyText(), 1)
+    for m in pleas_fx.merge(a, b, example, [1.0, 1.5, 2.0], data=data, progress=False):
+        with torch.no_grad():
+            assert torch.isfinite(m(*args)).all()
+    # data-free: token ids are generated in the example's range, the mask's 0/1 kept integer
+    free = pleas_fx.merge(a, b, example, 1.2, data=None, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(free(*args)).all()
+    with pytest.raises(pleas_fx.errors.DataError, match="no input named 'input_idz'"):
+        pleas_fx.merge(a, b, {"input_idz": example["input_ids"]}, 1.0, data=data, progress=False)
+    with pytest.raises(pleas_fx.errors.DataError, match="'input_ids' is missing"):
+        pleas_fx.merge(a, b, {"attention_mask": example["attention_mask"]}, 1.0, data=data, progress=False)
