@@ -120,6 +120,19 @@ def model_inputs(gm: fx.GraphModule) -> list[tuple[str, Any]]:
     return [(n.target, n.args[0] if n.args else REQUIRED) for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+def embedding_vocab(gm: fx.GraphModule) -> dict[int, int]:
+    """Vocabulary size of every model input read directly by an nn.Embedding (position among
+    the inputs -> num_embeddings): the range of token ids for generated data."""
+    position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    vocab: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node) \
+                and node.args[0].name in position and isinstance(gm.get_submodule(node.target), torch.nn.Embedding):
+            i = position[node.args[0].name]
+            vocab[i] = min(vocab.get(i, 1 << 62), gm.get_submodule(node.target).num_embeddings)
+    return vocab
+
+
 def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     """Trace both models, check them, and bind example_input (a tensor, tuple, or dict by input
     name) to the traced inputs."""

@@ -19,7 +19,7 @@ from passes.allocate import AllocationOptions, Footprint, WidthAllocator
 from passes.fill import fill, plan_least_squares
 from passes.infer_groups import infer_groups
 from passes.statistics import Statistics, collect_statistics
-from passes.trace import getattr_path, model_inputs, propagate_shapes, trace_pair
+from passes.trace import embedding_vocab, getattr_path, model_inputs, propagate_shapes, trace_pair
 from passes.verify import count_parameters, structural_parameters
 from passes.widen import widen
 
@@ -173,7 +173,7 @@ def merge(
                 raise DataError("the data function returned no batches")
             batches = list(checked_batches(batches, example_args, None, inputs))
         else:
-            batches = GENERATORS[data or "gaussian"](example_args, n_gen, seed=seed)
+            batches = GENERATORS[data or "gaussian"](example_args, n_gen, seed=seed, vocab=embedding_vocab(gm_a))
         total = len(batches)
     else:
         batches = checked_batches(data, example_args, max_batches, inputs)

@@ -91,21 +91,26 @@ def checked_batches(data: Iterable, example_args: tuple, max_batches: int | None
 
 
 def batches_like(example_args: tuple, batches: int, batch_size: int, seed: int,
-                 floating: Callable[[tuple, torch.Generator], torch.Tensor]) -> list[tuple]:
+                 floating: Callable[[tuple, torch.Generator], torch.Tensor],
+                 vocab: dict[int, int] | None = None) -> list[tuple]:
     """`batches` batches of inputs shaped like `example_args` (batch axis `batch_size`): floating
-    inputs from `floating(shape, generator)`, integer inputs (token ids, indices) uniformly from
-    the example's value range, each on the example's device and dtype."""
+    inputs from `floating(shape, generator)`, integer inputs uniformly from [0, vocab[i]) for the
+    inputs `vocab` names (token ids read by an embedding) and from the example's value range
+    otherwise (masks, indices), each on the example's device and dtype."""
+    vocab = vocab or {}
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(batches):
         args = []
-        for e in example_args:
+        for i, e in enumerate(example_args):
             if not torch.is_tensor(e):  # a default left to the model
                 args.append(e)
                 continue
             shape = (batch_size, *e.shape[1:])
             if e.is_floating_point():
                 t = floating(shape, gen)
+            elif i in vocab:
+                t = torch.randint(0, vocab[i], shape, generator=gen)
             else:
                 hi = int(e.max()) + 1 if e.numel() else 2
                 t = torch.randint(int(e.min()) if e.numel() else 0, max(hi, 1), shape, generator=gen)
@@ -114,9 +119,10 @@ def batches_like(example_args: tuple, batches: int, batch_size: int, seed: int,
     return out
 
 
-def generated_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple]:
+def generated_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0,
+                      vocab: dict[int, int] | None = None) -> list[tuple]:
     """Data-free mode: inputs shaped like example_input. Floating inputs are drawn from a
     standard normal (matching the usual normalised inputs); integer inputs uniformly from
     the example's value range."""
     return batches_like(example_args, batches, batch_size, seed,
-                        lambda shape, gen: torch.randn(shape, generator=gen, dtype=torch.float32))
+                        lambda shape, gen: torch.randn(shape, generator=gen, dtype=torch.float32), vocab)

@@ -65,7 +65,8 @@ def procedural_image(channels: int, shape: tuple[int, ...], gen: torch.Generator
     return x.reshape(channels, *shape)
 
 
-def procedural_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple]:
+def procedural_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0,
+                       vocab: dict[int, int] | None = None) -> list[tuple]:
     """`batches` batches of procedural inputs shaped like `example_args` (see the module doc)."""
     from pleas_fx.data import batches_like
 
@@ -79,4 +80,4 @@ def procedural_batches(example_args: tuple, batches: int, batch_size: int = 32, 
             return torch.stack([procedural_image(1, (shape[1],), gen)[0] for _ in range(n)])
         return torch.randn(shape, generator=gen)
 
-    return batches_like(example_args, batches, batch_size, seed, floating)
+    return batches_like(example_args, batches, batch_size, seed, floating, vocab)

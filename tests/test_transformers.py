@@ -300,8 +300,17 @@ def test_dict_inputs_with_token_ids_and_a_mask():
     for m in pleas_fx.merge(a, b, example, [1.0, 1.5, 2.0], data=data, progress=False):
         with torch.no_grad():
             assert torch.isfinite(m(*args)).all()
-    # data-free: token ids are generated in the example's range, the mask's 0/1 kept integer
-    free = pleas_fx.merge(a, b, example, 1.2, data=None, progress=False)
+    # data-free: token ids drawn from the embedding's whole vocabulary (the example uses only
+    # ids < 10 here), the mask's values from the example's range
+    from passes.trace import embedding_vocab
+    from pleas_fx.data import generated_batches
+
+    assert embedding_vocab(gm) == {0: 40}
+    narrow = {"input_ids": example["input_ids"] % 10, "attention_mask": example["attention_mask"]}
+    ids, _, mask = generated_batches(args, 4, seed=0, vocab=embedding_vocab(gm))[0]
+    assert ids.dtype == torch.long and int(ids.max()) >= 30 and int(ids.min()) >= 0
+    assert set(mask.unique().tolist()) <= {0, 1} and mask.dtype == torch.long
+    free = pleas_fx.merge(a, b, narrow, 1.2, data=None, progress=False)
     with torch.no_grad():
         assert torch.isfinite(free(*args)).all()
     with pytest.raises(pleas_fx.errors.DataError, match="no input named 'input_idz'"):
