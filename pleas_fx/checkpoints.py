@@ -37,63 +37,71 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+def build_model(spec: str, kwargs: Mapping[str, Any] | None = None, source: str = "auto") -> torch.nn.Module:
     """Build the model named by `spec` with `kwargs` (randomly initialised; no weights are downloaded).
 
-    `spec` is ``package.module:factory`` (the factory is called with ``**kwargs``), else a
-    torchvision model name (``torchvision.models.get_model(spec, weights=None, **kwargs)``),
-    else a timm model name (``timm.create_model(spec, pretrained=False, **kwargs)``).
+    `spec` is ``package.module:factory`` (the factory is called with ``**kwargs``; a module
+    instance there is taken as it is), else a torchvision model name
+    (``torchvision.models.get_model(spec, weights=None, **kwargs)``), else a timm model name
+    (``timm.create_model(spec, pretrained=False, **kwargs)``). `source` ("auto", "factory",
+    "torchvision" or "timm") restricts where the name is looked up.
     """
     kwargs = dict(kwargs or {})
-    if ":" in spec:
+    if source == "factory" or (source == "auto" and ":" in spec):
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
             raise ModelError(f"model {spec!r}: expected package.module:factory")
         try:
             obj: Any = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ModelError(f"model {spec!r}: cannot import {module_name}: {_first_line(exc)}") from exc
+            raise ModelError(f"model {spec!r}: cannot import {module_name!r}: {_first_line(exc)}") from exc
         for part in attr.split("."):
             if not hasattr(obj, part):
                 raise ModelError(f"model {spec!r}: {module_name} has no attribute {attr!r}")
             obj = getattr(obj, part)
-        if not callable(obj):
-            raise ModelError(f"model {spec!r}: {attr} is not callable")
         source = spec
-        try:
-            model = obj(**kwargs)
-        except Exception as exc:
-            raise ModelError(f"model {spec!r}: {attr}(**{kwargs}) failed: {_first_line(exc)}") from exc
+        if isinstance(obj, torch.nn.Module):
+            model = obj
+        elif not callable(obj):
+            raise ModelError(f"model {spec!r}: {attr} is not callable")
+        else:
+            try:
+                model = obj(**kwargs)
+            except Exception as exc:
+                raise ModelError(f"model {spec!r}: {attr}(**{kwargs}) failed: {_first_line(exc)}") from exc
     else:
-        model, source = _named_model(spec, kwargs)
+        model, source = _named_model(spec, kwargs, source)
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"model {spec!r}: {source} returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
 
 
-def _named_model(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str]:
-    try:
-        import torchvision
-    except ImportError:
-        torchvision = None
+def _named_model(name: str, kwargs: dict[str, Any], source: str = "auto") -> tuple[torch.nn.Module, str]:
+    torchvision = timm = None
+    if source in ("auto", "torchvision"):
+        try:
+            import torchvision
+        except ImportError:
+            pass
     if torchvision is not None and name in torchvision.models.list_models():
         try:
             return torchvision.models.get_model(name, weights=None, **kwargs), f"torchvision.models.{name}"
         except Exception as exc:
             raise ModelError(f"model {name!r}: torchvision.models.{name}(**{kwargs}) failed: {_first_line(exc)}") from exc
-    try:
-        import timm
-    except ImportError:
-        timm = None
+    if source in ("auto", "timm"):
+        try:
+            import timm
+        except ImportError:
+            pass
     if timm is not None and timm.is_model(name):
         try:
             return timm.create_model(name, pretrained=False, **kwargs), f"timm model {name}"
         except Exception as exc:
             raise ModelError(f"model {name!r}: timm.create_model({name!r}, **{kwargs}) failed: {_first_line(exc)}") from exc
-    raise ModelError(
-        f"unknown model {name!r}: not a torchvision{'' if torchvision else ' (not installed)'} or "
-        f"timm{'' if timm else ' (not installed)'} model name, nor package.module:factory"
-    )
+    where = {"torchvision": "a torchvision model name", "timm": "a timm model name"}.get(
+        source, f"a torchvision{'' if torchvision else ' (not installed)'} or timm{'' if timm else ' (not installed)'} "
+                "model name, nor package.module:factory")
+    raise ModelError(f"unknown model {name!r}: not {where}")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

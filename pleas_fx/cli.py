@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from pleas_fx.errors import one_line
+
 log = logging.getLogger("pleas_fx")
 
 PROG = "pleas-fx"
@@ -86,11 +88,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-    return text or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pleas-fx`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from pleas_fx.inspect import main as inspect_main
         except ImportError as exc:
-            print(f"{PROG}: error: 'inspect' is not available: {_one_line(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: 'inspect' is not available: {one_line(exc)}", file=sys.stderr)
             return 1
         code = getattr(inspect_main, "__code__", None)
         takes_prog = code is not None and "prog" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
@@ -131,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         known = isinstance(exc, (CliError, PleasError, OSError, ValueError))
         prefix = "" if known else f"internal error ({type(exc).__name__}, rerun with --debug for the traceback): "
-        print(f"{PROG} merge: error: {prefix}{_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG} merge: error: {prefix}{one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         log.removeHandler(handler)
@@ -232,7 +229,7 @@ def _merge_command(args, argv: list[str]) -> int:
             out_a = model_a(example)
         except Exception as exc:
             raise CliError(f"model {args.model} fails on the data's inputs of shape {tuple(example.shape)}: "
-                           f"{_one_line(exc)}") from exc
+                           f"{one_line(exc)}") from exc
     if eval_source is not None and not (torch.is_tensor(out_a) and out_a.dim() == 2):
         raise CliError(f"--eval needs a model that returns one (batch, classes) logits tensor; {args.model} returns "
                        f"{tuple(out_a.shape) if torch.is_tensor(out_a) else type(out_a).__name__}")

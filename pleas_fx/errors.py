@@ -23,3 +23,10 @@ class DataError(PleasError, ValueError):
 
 class WeightError(PleasError, ValueError):
     """A model's parameters are unusable (non-finite values, ...)."""
+
+
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line (whitespace collapsed), at most `limit` characters;
+    the exception's type name when it has no message. For command-line error reports."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."

@@ -18,7 +18,6 @@ import argparse
 import ast
 import contextlib
 import copy
-import importlib
 import io
 import json
 import re
@@ -31,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from pleas_fx.data import as_args
-from pleas_fx.errors import PleasError, TraceError
+from pleas_fx.errors import PleasError, TraceError, one_line
 from pleas_fx.ir import Group, GroupSpec, Layout
 from passes.infer_groups import STRUCTURAL, infer_groups
 from passes.trace import getattr_path, propagate_shapes, trace_model
@@ -365,7 +364,7 @@ def shape_propagate(gm: fx.GraphModule, args: tuple) -> None:
         at = f" at node {node.group(1)}" if node else ""
         raise TraceError(
             f"running the traced model on an input of shape {shapes} failed{at}: "
-            f"{type(root).__name__}: {_one_line(root)}"
+            f"{type(root).__name__}: {one_line(root, 600)}"
         ) from exc
 
 
@@ -488,46 +487,12 @@ def build_parser(prog: str = "inspect_groups") -> argparse.ArgumentParser:
 
 def load_model(spec: str, source: str = "auto", num_classes: int | None = None, **kwargs: Any) -> torch.nn.Module:
     """Build a model with random weights (never downloads any): a torchvision name, a timm
-    name, or `package.module:factory`."""
+    name, or `package.module:factory` (pleas_fx.checkpoints.build_model)."""
+    from pleas_fx.checkpoints import build_model
+
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if source == "factory" or (source == "auto" and ":" in spec):
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise PleasError(f"a model factory is written package.module:factory, got {spec!r}")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise PleasError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from exc
-        factory = module
-        for part in attr.split("."):
-            if not hasattr(factory, part):
-                raise PleasError(f"{module_name!r} has no attribute {attr!r}")
-            factory = getattr(factory, part)
-        model = factory(**kwargs) if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
-        if not isinstance(model, torch.nn.Module):
-            raise PleasError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
-        return model
-    if source in ("auto", "torchvision"):
-        import torchvision
-
-        if spec in torchvision.models.list_models():
-            return torchvision.models.get_model(spec, weights=None, **kwargs)
-        if source == "torchvision":
-            raise PleasError(f"torchvision has no model {spec!r}")
-    try:
-        import timm
-    except ImportError:
-        timm = None
-    if timm is not None and timm.is_model(spec):
-        return timm.create_model(spec, pretrained=False, **kwargs)
-    where = "timm" if source == "timm" else "torchvision or timm" + ("" if timm else " (timm is not installed)")
-    raise PleasError(f"unknown model {spec!r}: not in {where}; use package.module:factory for your own model")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 600 else text[:597] + "..."
+    return build_model(spec, kwargs, source)
 
 
 def _example_inputs(shapes: list[list[int]], dtype: str) -> tuple:
@@ -549,7 +514,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "inspect_groups") -> int
     def fail(stage: str, exc: BaseException) -> int:
         if args.traceback:
             raise exc
-        print(f"{prog}: error: {args.model}: {stage}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prog}: error: {args.model}: {stage}: {one_line(exc, 600)}", file=sys.stderr)
         return 2
 
     try:
