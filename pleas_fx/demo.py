@@ -7,13 +7,15 @@ seed 0 on digits 0-4, model B from seed 1 on digits 5-9, both with a joint
 and prints a markdown table comparing the merged models with each source model,
 their ensemble (2x the parameters) and plain weight averaging (1x).
 
-This is the only module of the package that uses ``print``.
+Its main() prints the result table (the program's output); progress goes through logging.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
+import sys
 import time
 from typing import Iterable, Sequence
 
@@ -36,6 +38,8 @@ __all__ = [
     "calibration_batches",
     "main",
 ]
+
+logger = logging.getLogger(__name__)
 
 SPLIT_SEED = 1234
 TRAIN_PER_CLASS = 400
@@ -157,7 +161,6 @@ def train_model(
     *,
     batch_size: int = BATCH_SIZE,
     lr: float = 1e-3,
-    log: bool = False,
 ) -> nn.Module:
     """Train ``model`` in place with Adam and 10-way cross-entropy; return it in eval mode.
 
@@ -182,28 +185,18 @@ def train_model(
             loss.backward()
             opt.step()
             total += loss.item() * idx.numel()
-        if log:
-            print(f"  epoch {epoch + 1}/{epochs}: loss {total / n:.4f}", flush=True)
+        logger.info("  epoch %d/%d: loss %.4f", epoch + 1, epochs, total / n)
     return recalibrate_bn(model, x)
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 200) -> nn.Module:
-    """Reset every BatchNorm's running statistics to exact averages over ``x``; return eval model.
+    """Reset every BatchNorm's running statistics to exact averages over `x`; return eval model.
 
-    One forward pass in train mode with cumulative averaging (``momentum=None``);
-    weights are untouched.
+    The same reset as merge(repair=True) (passes.methods.repair_batchnorm); weights are untouched.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for i in range(0, x.shape[0], batch):
-        model(x[i : i + batch])
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
+    from passes.methods import repair_batchnorm
+
+    repair_batchnorm(model, [(x[i : i + batch],) for i in range(0, x.shape[0], batch)])
     return model.eval()
 
 
@@ -251,7 +244,7 @@ def calibration_batches(
 
 
 def train_default_pair(
-    epochs: int = DEFAULT_EPOCHS, width: int = 32, log: bool = False
+    epochs: int = DEFAULT_EPOCHS, width: int = 32
 ) -> tuple[nn.Module, nn.Module, dict]:
     """Train the default pair: A (seed 0) on digits 0-4, B (seed 1) on digits 5-9.
 
@@ -265,10 +258,9 @@ def train_default_pair(
         xs, ys = _select(data["x_train"], data["y_train"], classes)
         torch.manual_seed(seed)
         model = DigitResNet(width=width, num_classes=10)
-        if log:
-            print(f"training model {'AB'[seed]} (seed {seed}) on digits {classes}", flush=True)
+        logger.info("training model %s (seed %d) on digits %s", "AB"[seed], seed, classes)
         t0 = time.perf_counter()
-        train_model(model, xs, ys, epochs=epochs, seed=seed, log=log)
+        train_model(model, xs, ys, epochs=epochs, seed=seed)
         data[f"train_seconds_{'ab'[seed]}"] = time.perf_counter() - t0
         models.append(model)
     return models[0], models[1], data
@@ -328,20 +320,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import pleas_fx
 
-    model_a, model_b, data = train_default_pair(epochs=args.epochs, width=args.width, log=verbose)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)  # progress of this demo only
+    model_a, model_b, data = train_default_pair(epochs=args.epochs, width=args.width)
     x_train, x_test, y_test = data["x_train"], data["x_test"], data["y_test"]
     if verbose:
         for tag, model, classes in (("A", model_a, CLASSES_A), ("B", model_b, CLASSES_B)):
             xs, ys = _select(x_test, y_test, classes)
-            print(
-                f"model {tag}: {accuracy(model, xs, ys):.1f}% on its own test digits "
-                f"{classes[0]}-{classes[-1]}, trained in {data['train_seconds_' + tag.lower()]:.1f} s"
-            )
+            logger.info("model %s: %.1f%% on its own test digits %d-%d, trained in %.1f s", tag,
+                        accuracy(model, xs, ys), classes[0], classes[-1], data["train_seconds_" + tag.lower()])
 
     if args.save:
         save_pair(args.save, model_a, model_b, data)
-        if verbose:
-            print(f"wrote model_a.pt, model_b.pt, calibration.pt and test.pt to {args.save}")
+        logger.info("wrote model_a.pt, model_b.pt, calibration.pt and test.pt to %s", args.save)
     rows = [
         ("model A (digits 0-4)", accuracy(model_a, x_test, y_test), 1.0, data["train_seconds_a"]),
         ("model B (digits 5-9)", accuracy(model_b, x_test, y_test), 1.0, data["train_seconds_b"]),
@@ -353,9 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows.append(("weight averaging (1x)", accuracy(avg, x_test, y_test), 1.0, avg_seconds))
 
     calib = calibration_batches(x_train, batch_size=100)
-    if verbose:
-        print(f"merging at budgets {', '.join(f'{b:g}' for b in args.budgets)} (one statistics pass) ...",
-              flush=True)
+    logger.info("merging at budgets %s (one statistics pass) ...", ", ".join(f"{b:g}" for b in args.budgets))
     t0 = time.perf_counter()
     merged_models = pleas_fx.merge(
         model_a,
