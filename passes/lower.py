@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections import Counter
 
 import torch.fx as fx
 import torch.nn as nn
@@ -75,6 +76,7 @@ def lower_multihead_attention(gm: fx.GraphModule) -> fx.GraphModule:
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
     targets = {}
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
             continue
@@ -83,7 +85,7 @@ def lower_multihead_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if why is not None:
             log.info("%s: nn.MultiheadAttention left opaque (%s); its axes stay frozen", node.target, why)
             continue
-        if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == node.target) > 1:
+        if calls[node.target] > 1:
             log.info("%s: nn.MultiheadAttention called more than once left opaque", node.target)
             continue
         targets[node.target] = mha

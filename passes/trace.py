@@ -14,7 +14,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from pleas_fx.data import REQUIRED, as_args
 from pleas_fx.errors import ArchitectureMismatchError, TraceError, WeightError
+from passes.lower import lower_multihead_attention
 
 
 @dataclass
@@ -40,8 +42,6 @@ def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
                 f"{type(exc).__name__}: {exc}. Data-dependent Python control flow is the usual "
                 "cause; make that code a leaf module or rewrite it without branching on tensors."
             ) from exc
-    from passes.lower import lower_multihead_attention
-
     return lower_multihead_attention(gm).eval()
 
 
@@ -115,8 +115,6 @@ def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
 
 def model_inputs(gm: fx.GraphModule) -> list[tuple[str, Any]]:
     """The traced model's inputs in order: (name, default or data.REQUIRED)."""
-    from pleas_fx.data import REQUIRED
-
     return [(n.target, n.args[0] if n.args else REQUIRED) for n in gm.graph.nodes if n.op == "placeholder"]
 
 
@@ -136,8 +134,6 @@ def embedding_vocab(gm: fx.GraphModule) -> dict[int, int]:
 def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     """Trace both models, check them, and bind example_input (a tensor, tuple, or dict by input
     name) to the traced inputs."""
-    from pleas_fx.data import as_args
-
     gm_a, gm_b = trace_model(model_a, "model_a"), trace_model(model_b, "model_b")
     check_same_architecture(gm_a, gm_b)
     check_finite(gm_a, "model_a")

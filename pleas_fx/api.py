@@ -167,7 +167,7 @@ def merge(
 
     if not user_data:
         n_gen = max_batches or generated_batches_count
-        if callable(data) and not isinstance(data, str):
+        if callable(data):
             batches: Iterable = list(data(example_args, n_gen, seed))
             if not batches:
                 raise DataError("the data function returned no batches")
@@ -222,9 +222,10 @@ def merge(
             with t_budget("repair"):
                 methods_.repair_batchnorm(merged, batches)
         with t_budget("verify"):
-            _verify(merged, example_args, footprint, spec, plans, widths, b if budget_metric == "params" else 2.0)
+            params = _verify(merged, example_args, footprint, spec, plans, widths,
+                             b if budget_metric == "params" else 2.0)
         merged.eval()
-        merged.meta["pleas_fx"] = _report(spec, widths, plans, match, footprint, b, merged, stats,
+        merged.meta["pleas_fx"] = _report(spec, widths, plans, match, footprint, b, merged, stats, params,
                                           notes + fill_notes, dict(t_budget), matching)
         merged.meta["pleas_fx"].update({
             "method": how.name, "solve": how.solve, "heads": heads, "repair": do_repair,
@@ -286,7 +287,9 @@ def _split_output(merged: fx.GraphModule, head) -> None:
 
 
 def _verify(merged: fx.GraphModule, example_args: tuple, footprint: Footprint, spec, plans, widths,
-            budget: float) -> None:
+            budget: float) -> int:
+    """Check the merged model against the footprint model, the budget and the example input;
+    returns its parameter count (entries not structurally zero)."""
     counted = structural_parameters(spec, plans, footprint.parameter_names)
     predicted = footprint.count(widths)
     pairwise = all(p.pairwise for p in plans.values())
@@ -299,10 +302,11 @@ def _verify(merged: fx.GraphModule, example_args: tuple, footprint: Footprint, s
             raise RuntimeError(f"internal error: merged tensor {name} is not finite")
     with torch.no_grad():
         propagate_shapes(merged, example_args)
+    return counted
 
 
-def _report(spec: GroupSpec, widths, plans, match, footprint: Footprint, budget, merged, stats, notes,
-            timings, matching) -> dict:
+def _report(spec: GroupSpec, widths, plans, match, footprint: Footprint, budget, merged, stats, params: int,
+            notes, timings, matching) -> dict:
     groups = []
     for g in spec.mergeable():
         groups.append({
@@ -310,9 +314,7 @@ def _report(spec: GroupSpec, widths, plans, match, footprint: Footprint, budget,
             "params": sorted({p.name for p in g.params}), "sites": len(g.sites),
             "mean_pair_cost": float(match.pair_cost[g.id].mean()) if g.size else 0.0,
         })
-    params = structural_parameters(spec, plans, footprint.parameter_names)
     return {
-        "method": "pleas",
         "matching": matching,
         "requested_budget": budget,
         "achieved_budget": params / footprint.base,
