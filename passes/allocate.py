@@ -115,7 +115,7 @@ class Footprint:
     metric: str = "params"
 
     def __post_init__(self) -> None:
-        self.frozen = {g.id for g in self.spec.groups.values() if g.frozen}
+        self.frozen = self.spec.fixed()
         self.sizes = {g.id: g.size for g in self.spec.mergeable()}
         self.tensors: list[_Tensor] = []
         self.by_group: dict[int, list[int]] = {g: [] for g in self.sizes}

@@ -156,7 +156,7 @@ class _Filler:
     def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge, solve="least_squares"):
         self.merged, self.gm_a, self.gm_b, self.spec = merged, gm_a, gm_b, spec
         self.plans, self.stats, self.ridge, self.solve = plans, stats, ridge, solve
-        self.frozen = {g.id for g in spec.groups.values() if g.frozen}
+        self.frozen = spec.fixed()
         self.done: set[str] = set()
         self.notes: list[str] = []
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleas_fx.ir import Layout
+from pleas_fx.ir import Layout, Segment
 from passes.layout_ops import TupleLayouts, align_reshape, flatten_layout, slice_layout, unflatten_layout
 from passes.registry import register_handler
 
@@ -335,7 +335,7 @@ def flatten(ctx, node):
 
 
 def _flatten(ctx, layouts, sizes) -> Layout:
-    lay = flatten_layout(layouts, sizes, ctx.is_frozen)
+    lay = flatten_layout(layouts, sizes, ctx.is_frozen, ctx.is_within_of)
     if lay is None:
         reason = f"flatten of several permutable axes at {ctx.where()}"
         ctx.freeze(list(layouts), reason)
@@ -362,10 +362,14 @@ def reshape(ctx, node):
         elif len(ins) == 1:
             span = list(range(outs[0], outs[-1] + 1))  # with the size-1 axes in between (one head)
             sizes = [out_sizes[j] for j in span]
-            parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen)
+            parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
+            withins = [s.within for s in x[ins[0]] if s.within is not None and ctx.within_size(s.within)]
+            if parts is None and withins:  # head_dim split further (e.g. rotary halves): units stay
+                ctx.freeze([(Segment(w, 1),) for w in withins], f"reshape splits within-unit entries at {ctx.where()}")
+                parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
             if parts is None and _refine_for_split(ctx, x[ins[0]], sizes):
                 x = ctx.layouts(node.args[0])
-                parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen)
+                parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
             if parts is None:
                 ctx.freeze(x[ins[0]], f"reshape splits a permutable axis ({in_sizes} -> {out_sizes}) at {ctx.where()}")
                 parts = [None] * len(span)
@@ -382,10 +386,14 @@ def _refine_for_split(ctx, layout: Layout, sizes: list[int]) -> bool:
     head_dim, channels viewed as groups x channels-per-group): coarsen the group so its units
     are the entries of one of the new axes, each carrying the axes after it. The unit axis is
     the last but one (heads in (3, heads, head_dim), also when heads == 1, and in (heads,
-    head_dim))."""
+    head_dim)). The entries of each unit (head_dim) get a within group of their own: per unit,
+    they may be permuted too, as long as every op that meets them allows it (checked when the
+    groups are collected)."""
     if len(layout) != 1 or ctx.is_frozen(layout):
         return False
     seg = layout[0]
+    if ctx.has_within(seg.group):
+        return False
     if len(sizes) < 2 or prod(sizes) != seg.numel:
         return False
     # the new axes must cut the group's own units: repetitions (outer/inner) stay outside
@@ -399,7 +407,8 @@ def _refine_for_split(ctx, layout: Layout, sizes: list[int]) -> bool:
     outer, inner = before // seg.outer, after // seg.inner
     if outer * sizes[unit_axis] * inner != seg.size:
         return False
-    ctx.refine(seg.group, outer, sizes[unit_axis], inner)
+    within = ctx.uf.new_within(inner, seg.group) if seg.inner == 1 and inner > 1 else None
+    ctx.refine(seg.group, outer, sizes[unit_axis], inner, within)
     return True
 
 
@@ -517,12 +526,26 @@ def split(ctx, node):
             continue
         stop = start + shp[dim]
         sub = slice_layout(x[dim], start, stop)
+        if sub is None and start == 0 and _partition_for_split(ctx, x[dim], [s[dim] for s in shapes]):
+            x = ctx.layouts(node.args[0])
+            sub = slice_layout(x[dim], start, stop)
         if sub is None:
             ctx.freeze(x[dim], f"split inside a permutable group at {ctx.where()}")
             sub = ctx.fresh(shp[dim], "constant")
         pieces.append([*x[:dim], sub, *x[dim + 1:]])
         start = stop
     return TupleLayouts(pieces)
+
+
+def _partition_for_split(ctx, layout: Layout, pieces: list[int]) -> bool:
+    """A split cutting one permutable group (a fused qkv output into q, k and v): make each
+    piece a group of its own, so the split falls on segment boundaries."""
+    if len(layout) != 1 or ctx.is_frozen(layout) or len(pieces) < 2:
+        return False
+    seg = layout[0]
+    if seg.outer != 1 or any(n % seg.inner for n in pieces):
+        return False
+    return ctx.partition(seg.group, [n // seg.inner for n in pieces])
 
 
 @register_handler(operator.getitem)
@@ -579,14 +602,6 @@ def matmul(ctx, node):
     la, lb = ctx.layouts(a), ctx.layouts(b)
     if la is None or lb is None or len(la) < 2 or len(lb) < 2:
         return _unknown(ctx, node, f"matmul of vectors at {ctx.where()}")
-    contracted = ctx.unify(la[-1], lb[-2])
-    params = [x for x in (a, b) if isinstance(x, fx.Node) and x.op == "get_attr"]
-    if not params:
-        ctx.freeze(contracted, f"contraction of two activations at {ctx.where()}")
-    if isinstance(b, fx.Node) and b.op == "get_attr":
-        ctx.set_role(b, len(lb) - 2, "in")
-    if isinstance(a, fx.Node) and a.op == "get_attr":
-        ctx.set_role(a, len(la) - 1, "in")
     out_shape = ctx.shape()
     batch_a, batch_b = la[:-2], lb[:-2]
     nb = len(out_shape) - 2
@@ -598,7 +613,31 @@ def matmul(ctx, node):
         for c in cands[1:]:
             acc = ctx.unify(acc, c)
         batch.insert(0, acc)
+    params = [x for x in (a, b) if isinstance(x, fx.Node) and x.op == "get_attr"]
+    per_unit = not params and _within_contraction(ctx, la[-1], lb[-2], la[:-2], lb[:-2])
+    contracted = ctx.unify(la[-1], lb[-2])
+    if not params and not per_unit:
+        ctx.freeze(contracted, f"contraction of two activations at {ctx.where()}")
+    if isinstance(b, fx.Node) and b.op == "get_attr":
+        ctx.set_role(b, len(lb) - 2, "in")
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        ctx.set_role(a, len(la) - 1, "in")
     return [*batch, la[-2], lb[-1]]
+
+
+def _within_contraction(ctx, x: Layout, y: Layout, batch_x, batch_y) -> bool:
+    """q . k over head_dim with heads as a batch axis of both operands: permuting each head's
+    entries alike in q and k leaves every product unchanged, so the contracted axes share a
+    within group instead of being frozen. Needs both to be whole within axes of one group
+    whose units sit on a batch axis of both operands."""
+    wx, wy = ctx.within(x), ctx.within(y)
+    if wx is None or wy is None:
+        return False
+    parent = ctx.uf.parent_of(wx)
+    if parent is None or parent != ctx.uf.parent_of(wy):
+        return False
+    on_batch = lambda lays: any(len(lay) == 1 and ctx.uf.find(lay[0].group) == parent for lay in lays)
+    return on_batch(batch_x) and on_batch(batch_y)
 
 
 @register_handler(F.scaled_dot_product_attention)
@@ -612,11 +651,14 @@ def scaled_dot_product_attention(ctx, node):
     mask = ctx.arg(3, "attn_mask")
     if isinstance(mask, fx.Node):
         ctx.freeze(ctx.layouts(mask), f"attention mask at {ctx.where()}")
-    for lay, why in ((q[-1], "query features"), (k[-1], "key features"), (k[-2], "key tokens"),
-                     (v[-2], "value tokens")):
+    lead = [ctx.unify(ctx.unify(a, b), c) for a, b, c in zip(q[:-2], k[:-2], v[:-2])]
+    contracted = [(q[-1], "query features"), (k[-1], "key features")]
+    if _within_contraction(ctx, q[-1], k[-1], q[:-2], k[:-2]):
+        ctx.unify(q[-1], k[-1])  # each head's q and k entries permute alike
+        contracted = []
+    for lay, why in (*contracted, (k[-2], "key tokens"), (v[-2], "value tokens")):
         if not ctx.is_frozen(lay):
             ctx.freeze(lay, f"{why} contracted between activations at {ctx.where()}")
-    lead = [ctx.unify(ctx.unify(a, b), c) for a, b, c in zip(q[:-2], k[:-2], v[:-2])]
     return [*lead, q[-2], v[-1]]
 
 

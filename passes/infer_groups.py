@@ -31,6 +31,7 @@ class UnionFind:
         self.size: list[int] = []
         self.frozen: list[bool] = []
         self.reasons: dict[int, list[str]] = {}
+        self.parents: dict[int, list[int]] = {}  # within variable -> the variables it permutes inside
 
     def new(self, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -62,7 +63,21 @@ class UnionFind:
         self.parent[rb] = ra
         self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
         self.reasons.setdefault(ra, []).extend(self.reasons.pop(rb, []))
+        if rb in self.parents:
+            self.parents.setdefault(ra, []).extend(self.parents.pop(rb))
         return True
+
+    def new_within(self, size: int, parent: int) -> int:
+        """A within variable: permutes the entries of each unit of `parent`, unit by unit."""
+        v = self.new(size)
+        self.parents[v] = [parent]
+        return v
+
+    def parent_of(self, v: int) -> int | None:
+        """The (resolved) group a within variable permutes inside; None for other variables
+        or when it was linked to within axes of different groups."""
+        found = {self.find(p) for p in self.parents.get(self.find(v), ())}
+        return found.pop() if len(found) == 1 else None
 
 
 class InferenceContext:
@@ -131,12 +146,34 @@ class InferenceContext:
         for seg in layout:
             self.uf.freeze(seg.group, reason)
 
+    def within(self, layout: Layout) -> int | None:
+        """The live within group of a one-segment layout that is a whole within axis (a head's
+        head_dim entries), else None."""
+        if len(layout) != 1 or layout[0].inner != 1 or layout[0].outer != 1 or layout[0].within is not None:
+            return None
+        v = layout[0].group
+        if self.uf.find(v) not in self.uf.parents or self.uf.frozen[self.uf.find(v)]:
+            return None
+        return v
+
+    def within_size(self, w: int) -> int | None:
+        """Size of within group `w`, None once it is frozen."""
+        root = self.uf.find(w)
+        return None if self.uf.frozen[root] else self.uf.size[root]
+
+    def is_within_of(self, layout: Layout, group: int) -> bool:
+        """Whether `layout` is a whole live within axis of `group`'s units."""
+        w = self.within(layout)
+        return w is not None and self.uf.parent_of(w) == self.uf.find(group)
+
     def unify(self, a: Layout, b: Layout) -> Layout:
         """Make two axes share their permutation; freeze both if their structure differs."""
         same = len(a) == len(b) and all(
             (x.size, x.inner, x.outer) == (y.size, y.inner, y.outer) for x, y in zip(a, b)
         )
         if same and all(self.uf.union(x.group, y.group) for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self._unify_within(x, y)
             return a
         frozen_side = a if self.is_frozen(a) else b if self.is_frozen(b) else None
         if frozen_side is not None and len(frozen_side):
@@ -149,18 +186,32 @@ class InferenceContext:
         self.freeze(b, reason)
         return a if len(a) else b
 
-    def refine(self, group: int, outer: int, units: int, inner: int) -> None:
+    def _unify_within(self, x: Segment, y: Segment) -> None:
+        """Two segments of one group meet: their within groups must permute alike."""
+        if x.within is None and y.within is None:
+            return
+        if x.within is not None and y.within is not None and self.uf.union(x.within, y.within):
+            return
+        for w in (x.within, y.within):
+            if w is not None:
+                self.uf.freeze(w, f"within-unit entries meet an axis without that structure at {self.where()}")
+
+    def refine(self, group: int, outer: int, units: int, inner: int, within: int | None = None) -> None:
         """Coarsen a group of n = outer * units * inner features to `units` blocks of `inner`
         consecutive features, the block structure repeated `outer` times (e.g. a fused qkv axis
         of 3 x heads x head_dim becomes `heads` units). Only permutations that move whole blocks,
         the same way in every repetition, remain allowed: a subset of the old ones, so every
-        earlier conclusion stays sound. Every layout recorded so far is rewritten."""
+        earlier conclusion stays sound. Every layout recorded so far is rewritten. `within`: a
+        within variable that permutes each block's entries (checked when groups are collected).
+        A group whose segments already carry a within group is not refined again."""
         root = self.uf.find(group)
         if self.uf.size[root] != outer * units * inner:
             raise ValueError(f"cannot refine a group of {self.uf.size[root]} into {outer} x {units} x {inner}")
+        if self.has_within(group):
+            raise ValueError("cannot refine a group whose units already have a within group")
 
         def rewrite(layout: Layout) -> Layout:
-            return tuple(Segment(s.group, units, s.inner * inner, s.outer * outer)
+            return tuple(Segment(s.group, units, s.inner * inner, s.outer * outer, within)
                          if self.uf.find(s.group) == root else s for s in layout)
 
         def rewrite_value(value: Any) -> Any:
@@ -173,6 +224,47 @@ class InferenceContext:
         self.values = {name: rewrite_value(v) for name, v in self.values.items()}
         self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
         self.uf.size[root] = units
+
+    def partition(self, group: int, sizes: list[int]) -> bool:
+        """Split a group of n units into independent groups of `sizes` consecutive units (a fused
+        qkv output split into q, k and v). Every permutation allowed afterwards permutes inside
+        the pieces: a subset of the old ones, so earlier conclusions stay sound. Only groups
+        whose every segment is unrepeated (outer 1) and without a within group; False otherwise."""
+        root = self.uf.find(group)
+        if sum(sizes) != self.uf.size[root] or self.uf.frozen[root] or self.has_within(group):
+            return False
+        lays = [lay for v in self.values.values() for lay in iter_layouts(v)]
+        lays += [lay for v in self.param_layouts.values() for lay in v]
+        if any(s.outer != 1 for lay in lays for s in lay if self.uf.find(s.group) == root):
+            return False
+        pieces = [self.uf.new(n) for n in sizes]
+
+        def rewrite(layout: Layout) -> Layout:
+            out = []
+            for s in layout:
+                if self.uf.find(s.group) == root:
+                    out.extend(Segment(p, n, s.inner) for p, n in zip(pieces, sizes))
+                else:
+                    out.append(s)
+            return tuple(out)
+
+        def rewrite_value(value: Any) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, TupleLayouts):
+                return TupleLayouts(rewrite_value(v) for v in value)
+            return [rewrite(lay) for lay in value]
+
+        self.values = {name: rewrite_value(v) for name, v in self.values.items()}
+        self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
+        return True
+
+    def has_within(self, group: int) -> bool:
+        """Whether any recorded segment of `group` carries a within group."""
+        root = self.uf.find(group)
+        lays = [lay for v in self.values.values() for lay in iter_layouts(v)]
+        lays += [lay for v in self.param_layouts.values() for lay in v]
+        return any(s.within is not None and self.uf.find(s.group) == root for lay in lays for s in lay)
 
     def param(self, name: str, layouts: list[Layout], roles: list[str] | None = None) -> list[Layout]:
         """Declare a parameter's (or buffer's) axes; a second declaration unifies with the first."""
@@ -196,6 +288,18 @@ class InferenceContext:
         mod = self.module(node)
         items = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
         return {f"{node.target}.{n}": t for n, t in items if t is not None}
+
+
+def iter_layouts(value: Any):
+    """Every axis layout in a node value (list of layouts, TupleLayouts, nested, or None)."""
+    if value is None:
+        return
+    if isinstance(value, list) and not isinstance(value, TupleLayouts):
+        if all(isinstance(v, tuple) for v in value):
+            yield from value
+            return
+    for item in value:
+        yield from iter_layouts(item)
 
 
 def freeze_unknown(ctx: InferenceContext, node: fx.Node, reason: str) -> Any:
@@ -248,7 +352,9 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
 
 
 def _resolve(ctx: InferenceContext, layout: Layout) -> Layout:
-    return tuple(Segment(ctx.uf.find(s.group), s.size, s.inner, s.outer) for s in layout)
+    find = ctx.uf.find
+    return tuple(Segment(find(s.group), s.size, s.inner, s.outer, None if s.within is None else find(s.within))
+                 for s in layout)
 
 
 def _resolve_value(ctx: InferenceContext, value: Any) -> Any:
@@ -259,13 +365,92 @@ def _resolve_value(ctx: InferenceContext, value: Any) -> Any:
     return [_resolve(ctx, lay) for lay in value]
 
 
+def _tensor_values(values: dict[str, Any]):
+    """(name, list of axis layouts) for every tensor value, tuple elements included."""
+    def walk(name, value):
+        if value is None:
+            return
+        if isinstance(value, TupleLayouts):
+            for item in value:
+                yield from walk(name, item)
+        elif isinstance(value, list) and all(isinstance(v, tuple) for v in value):
+            yield name, value
+    for name, value in values.items():
+        yield from walk(name, value)
+
+
+def _check_within(ctx: InferenceContext) -> None:
+    """Freeze every within group whose permutations could not be applied unit by unit: linked
+    to units of two different groups, units frozen, on a parameter axis without its units, or
+    on a tensor axis whose units are not on exactly one other axis of the same tensor."""
+    uf, find = ctx.uf, ctx.uf.find
+    roots = {find(v) for v in list(uf.parents)}
+    why: dict[int, str] = {}
+    for w in roots:
+        p = uf.parent_of(w)
+        if p is None:
+            why[w] = "within entries linked to units of different groups"
+        elif uf.frozen[p]:
+            why[w] = "the units it lives in are frozen"
+    node_values = [(n, [_resolve(ctx, lay) for lay in lays]) for n, lays in _tensor_values(ctx.values)]
+    param_values = [(n, [_resolve(ctx, lay) for lay in lays]) for n, lays in ctx.param_layouts.items()]
+    for kind, values in (("parameter", param_values), ("tensor", node_values)):
+        for name, lays in values:
+            for axis, lay in enumerate(lays):
+                for seg in lay:
+                    if seg.within is not None and seg.within in roots and seg.group != uf.parent_of(seg.within):
+                        why.setdefault(seg.within, f"{kind} {name} holds it inside other units")
+                    if seg.group not in roots or seg.group in why:
+                        continue
+                    parent = uf.parent_of(seg.group)
+                    unit_axes = [i for i, other in enumerate(lays) if any(s.group == parent for s in other)]
+                    if kind == "parameter":  # a weight axis map is one axis: it cannot follow the units
+                        why[seg.group] = f"parameter {name} holds within entries on an axis of their own"
+                    elif len(unit_axes) != 1 or unit_axes[0] == axis:
+                        why[seg.group] = f"tensor {name} holds within entries without one axis of their units"
+    for w, reason in why.items():
+        uf.freeze(w, reason)
+
+
+# ops whose output holds the same numbers as their input, rearranged (or scaled by a constant)
+_REARRANGING = {"view", "reshape", "permute", "transpose", "contiguous", "flatten", "unflatten", "clone",
+                "to", "float", "mul", "div", "truediv", "getitem"}
+
+
+def _drop_repeated_within_sites(gm: fx.GraphModule, groups: dict[int, Group]) -> None:
+    """A within site measures a d*w x d*w moment matrix, the most expensive statistic: keep
+    one per value, dropping sites on ops that only rearrange (or scale by a constant) a tensor
+    measured already for the same within group (q after a permute, k after a transpose)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def op_name(node: fx.Node) -> str:
+        return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+    for g in groups.values():
+        measured = {(s.node, s.within) for s in g.sites if s.within is not None}
+        kept = []
+        for site in g.sites:
+            node = nodes.get(site.node)
+            if site.within is not None and node is not None and op_name(node) in _REARRANGING:
+                tensors = [a for a in node.all_input_nodes if isinstance(node_shape(a), torch.Size)]
+                if len(tensors) == 1 and tensors[0] is node.args[0] and (tensors[0].name, site.within) in measured:
+                    continue
+            kept.append(site)
+        g.sites[:] = kept
+
+
 def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> GroupSpec:
+    _check_within(ctx)
     uf = ctx.uf
     groups: dict[int, Group] = {}
+    within_roots = {uf.find(v) for v in uf.parents}
 
     def group(root: int) -> Group:
         if root not in groups:
-            groups[root] = Group(root, uf.size[root], uf.frozen[root], list(dict.fromkeys(uf.reasons.get(root, []))))
+            groups[root] = Group(root, uf.size[root], uf.frozen[root], list(dict.fromkeys(uf.reasons.get(root, []))),
+                                 parent=uf.parent_of(root) if root in within_roots else None)
+            if root in within_roots and groups[root].parent is None:
+                groups[root].parent = -1  # linked to several groups' units (frozen)
         return groups[root]
 
     param_layouts = {n: [_resolve(ctx, lay) for lay in lays] for n, lays in ctx.param_layouts.items()}
@@ -282,6 +467,8 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
             else:
                 for seg in item:
                     group(seg.group)
+                    if seg.within is not None:
+                        group(seg.within)
 
     for value in node_layouts.values():
         register(value)
@@ -290,8 +477,23 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
         if node.op in ("placeholder", "get_attr", "output") or not value or isinstance(ctx.values[node.name], TupleLayouts):
             continue
         for axis, lay in enumerate(value):
-            if len(lay) == 1 and lay[0].inner == lay[0].outer == 1 and not groups[lay[0].group].frozen:
-                groups[lay[0].group].sites.append(Site(node.name, axis))
+            if len(lay) != 1 or groups[lay[0].group].frozen or groups[lay[0].group].parent is not None:
+                continue
+            seg = lay[0]
+            owner = groups[seg.group]
+            if seg.inner == seg.outer == 1:
+                entries = []
+                for w_axis, w_lay in enumerate(value):  # the units' within entries on another axis
+                    w = groups.get(w_lay[0].group) if len(w_lay) == 1 else None
+                    if (w is not None and w.parent == seg.group and not w.frozen
+                            and w_lay[0].inner == w_lay[0].outer == 1):
+                        entries.append(Site(node.name, axis, w.id, w_axis))
+                owner.sites.append(Site(node.name, axis, unaligned=bool(entries)))
+                owner.sites.extend(entries)
+            elif (seg.within is not None and seg.outer == 1 and not groups[seg.within].frozen
+                  and seg.inner == groups[seg.within].size):
+                owner.sites.append(Site(node.name, axis, seg.within))
+    _drop_repeated_within_sites(gm, groups)
     # Frozen reasons worth reporting: limitations, not axes that can never be permuted.
     limitations = [(w, r) for w, r in frozen_reasons]
     for g in groups.values():

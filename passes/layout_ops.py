@@ -9,21 +9,35 @@ from typing import Callable, Sequence
 from pleas_fx.ir import Layout, Segment, layout_numel
 
 IsFrozen = Callable[[Layout], bool]
+# size of a live within group, None if it is frozen
+WithinSize = Callable[[int], "int | None"]
+# whether a layout is a whole live within axis of the given group's units
+IsWithinOf = Callable[[Layout, int], bool]
 
 
 class TupleLayouts(list):
     """Layouts of a tuple-valued node: one entry (list of layouts, or None) per element."""
 
 
-def flatten_layout(layouts: Sequence[Layout], sizes: Sequence[int], is_frozen: IsFrozen) -> Layout | None:
+def flatten_layout(layouts: Sequence[Layout], sizes: Sequence[int], is_frozen: IsFrozen,
+                   is_within_of: IsWithinOf | None = None) -> Layout | None:
     """Layout of the axis obtained by flattening consecutive axes (row-major).
 
-    Frozen axes become repetition (inner/outer) of the one permutable axis; two or more
-    permutable axes cannot be described and give None. All frozen: an empty layout
+    Frozen axes become repetition (inner/outer) of the one permutable axis. Two permutable
+    axes can be described only as units followed by their within entries (heads x head_dim:
+    one segment carrying the within group); otherwise None. All frozen: an empty layout
     (the caller makes a frozen axis)."""
     live = [i for i, lay in enumerate(layouts) if not is_frozen(lay)]
     if not live:
         return ()
+    if len(live) == 2 and is_within_of is not None and live[1] == live[0] + 1:
+        k = live[0]
+        units, entries = layouts[k], layouts[k + 1]
+        if (len(units) == 1 and units[0].inner == units[0].outer == 1 and units[0].within is None
+                and is_within_of(entries, units[0].group)):
+            before, after = prod(sizes[:k]), prod(sizes[k + 2:])
+            seg = units[0]
+            return (Segment(seg.group, seg.size, entries[0].size * after, before, entries[0].group),)
     if len(live) > 1:
         return None
     k = live[0]
@@ -34,10 +48,12 @@ def flatten_layout(layouts: Sequence[Layout], sizes: Sequence[int], is_frozen: I
     return tuple(Segment(s.group, s.size, s.inner * after, s.outer * before) for s in segs)
 
 
-def unflatten_layout(layout: Layout, out_sizes: Sequence[int], is_frozen: IsFrozen) -> list[Layout | None] | None:
+def unflatten_layout(layout: Layout, out_sizes: Sequence[int], is_frozen: IsFrozen,
+                     within_size: WithinSize | None = None) -> list[Layout | None] | None:
     """Split one axis into `out_sizes`: the permutable units must land on exactly one of
-    the new axes (the others are pure repetition). Returns per-output-axis layouts, None
-    for axes the caller must make frozen, or None when impossible."""
+    the new axes (the others are pure repetition), and a live within group's entries on the
+    axis right after it. Returns per-output-axis layouts, None for axes the caller must make
+    frozen, or None when impossible."""
     if is_frozen(layout):
         return [None] * len(out_sizes)
     if len(layout) != 1:
@@ -46,6 +62,14 @@ def unflatten_layout(layout: Layout, out_sizes: Sequence[int], is_frozen: IsFroz
     cum = [1]
     for n in out_sizes:
         cum.append(cum[-1] * n)
+    w = within_size(seg.within) if (seg.within is not None and within_size is not None) else None
+    if w is not None:
+        for t in range(len(out_sizes) - 1):
+            if (cum[t] == seg.outer and out_sizes[t] == seg.size and out_sizes[t + 1] == w
+                    and cum[t + 2] * (seg.inner // w) == cum[-1] and seg.inner % w == 0):
+                return [(Segment(seg.group, seg.size),) if i == t else (Segment(seg.within, w),) if i == t + 1
+                        else None for i in range(len(out_sizes))]
+        return None
     for t in range(len(out_sizes)):
         if cum[t] == seg.outer and out_sizes[t] == seg.size and cum[t + 1] * seg.inner == cum[-1]:
             return [((Segment(seg.group, seg.size),) if i == t else None) for i in range(len(out_sizes))]

@@ -7,7 +7,7 @@ coordinate descent) reads only the two models' weights and needs no data.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,57 +28,117 @@ class Matching:
 
     ZipIt! matching also fills `pairs[g]`: (size, 2) features of the stacked space [A; B]
     (B's feature j is size + j), in the greedy order they are merged; `pair_cost[g]` is then
-    the cost of each of those pairs, and `perm` is unused."""
+    the cost of each of those pairs, and `perm` is unused.
+
+    `within[g][w]` (activation matching): for group g's within group w, a (size, w size) array;
+    row j reorders the entries of B's unit j to line up with the A unit it is matched to."""
 
     perm: dict[int, np.ndarray]
     pair_cost: dict[int, np.ndarray]
     method: str
     unmatched_groups: list[int]
     pairs: dict[int, np.ndarray] | None = None
+    within: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
 
 
-def activation_costs(spec: GroupSpec, stats: Statistics) -> dict[int, np.ndarray | None]:
+@dataclass
+class GroupCost:
+    """A group's unit-pair cost matrix and, per within group, for every unit pair (i, j) the
+    order of B unit j's entries that best matches A unit i (`order[w][i, j]`)."""
+
+    cost: np.ndarray
+    order: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _site_cost(stats: Statistics, site) -> np.ndarray | None:
+    """E[(z_A,i - z_B,j)^2] / mean second moment at one site; None if unmeasured or non-finite."""
+    m = stats.sites.get(site.key)
+    if m is None or m.count == 0:
+        return None
+    sq_a, sq_b = (m.sq_a / m.count).cpu().numpy(), (m.sq_b / m.count).cpu().numpy()
+    cross = (m.cross / m.count).cpu().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = sq_a[:, None] + sq_b[None, :] - 2.0 * cross
+        scale = 0.5 * (sq_a.mean() + sq_b.mean())
+    if not (np.isfinite(c).all() and np.isfinite(scale)):
+        # e.g. attention scores holding a mask's finfo.min: no information, skip the site
+        log.debug("matching site %s has non-finite moments; skipped", site.key)
+        return None
+    return c / max(scale, 1e-30)
+
+
+def _within_unit_costs(cost: np.ndarray, units: int, align: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """From an entry-level cost (units*w x units*w, unit-major), the per-unit-pair cost (mean
+    over the w entries) with each pair's entries aligned by a linear assignment (align=True),
+    or entry r with entry r (align=False). Returns (units x units costs, order or None)."""
+    w = cost.shape[0] // units
+    blocks = cost.reshape(units, w, units, w).transpose(0, 2, 1, 3)  # (i, j, r, s)
+    if not align:
+        return np.trace(blocks, axis1=2, axis2=3) / w, None
+    unit_cost = np.empty((units, units))
+    order = np.empty((units, units, w), dtype=np.int64)
+    for i in range(units):
+        for j in range(units):
+            rows, cols = linear_sum_assignment(blocks[i, j])
+            order[i, j, rows] = cols
+            unit_cost[i, j] = blocks[i, j][rows, cols].sum() / w
+    return unit_cost, order
+
+
+def activation_costs(spec: GroupSpec, stats: Statistics, align: bool = True) -> dict[int, GroupCost | None]:
     """Per group, the cost matrix C[i, j] = E[(z_A,i - z_B,j)^2] (normalised by the mean second
-    moment) averaged over its measured activation sites; None where no site was measured."""
-    out = {}
+    moment) averaged over its measured activation sites; None where no site was measured.
+
+    Units with within groups (attention heads) are compared entry by entry at their within
+    sites: the cost of heads (i, j) is the mean entry cost after the best alignment of j's
+    entries to i's (align=True; plain averaging uses align=False: entry r with entry r).
+    Units-only sites on tensors that also hold the entries (`Site.unaligned`) are then left out."""
+    out: dict[int, GroupCost | None] = {}
     for g in spec.mergeable():
-        cost = np.zeros((g.size, g.size))
-        used = 0
+        within_sites = [s for s in g.sites if s.within is not None]
+        total, used, order = np.zeros((g.size, g.size)), 0, {}
         for site in g.sites:
-            m = stats.sites.get((site.node, site.axis))
-            if m is None or m.count == 0:
+            if site.within is None and not (site.unaligned and within_sites):
+                c = _site_cost(stats, site)
+                if c is not None:
+                    total += c
+                    used += 1
+        for w in dict.fromkeys(s.within for s in within_sites):
+            costs = [c for s in within_sites if s.within == w and (c := _site_cost(stats, s)) is not None]
+            if not costs:
                 continue
-            sq_a, sq_b = (m.sq_a / m.count).cpu().numpy(), (m.sq_b / m.count).cpu().numpy()
-            cross = (m.cross / m.count).cpu().numpy()
-            with np.errstate(over="ignore", invalid="ignore"):
-                c = sq_a[:, None] + sq_b[None, :] - 2.0 * cross
-                scale = 0.5 * (sq_a.mean() + sq_b.mean())
-            if not (np.isfinite(c).all() and np.isfinite(scale)):
-                # e.g. attention scores holding a mask's finfo.min: no information, skip the site
-                log.debug("matching site %s axis %d has non-finite moments; skipped", site.node, site.axis)
-                continue
-            cost += c / max(scale, 1e-30)
-            used += 1
-        out[g.id] = cost / used if used else None
+            unit_cost, w_order = _within_unit_costs(sum(costs) / len(costs), g.size, align)
+            total += len(costs) * unit_cost
+            used += len(costs)
+            if w_order is not None:
+                order[w] = w_order
+        out[g.id] = GroupCost(total / used, order) if used else None
     return out
 
 
 def activation_matching(spec: GroupSpec, stats: Statistics) -> Matching:
-    """Linear assignment on summed E[(z_A,i - z_B,j)^2] over each group's activation sites."""
-    perm, pair_cost, unmatched = {}, {}, []
+    """Linear assignment on summed E[(z_A,i - z_B,j)^2] over each group's activation sites;
+    within groups take the entry order of each matched unit pair."""
+    perm, pair_cost, unmatched, within = {}, {}, [], {}
     costs = activation_costs(spec, stats)
     for g in spec.mergeable():
-        cost = costs[g.id]
-        if cost is None:
+        gc = costs[g.id]
+        if gc is None:
             unmatched.append(g.id)
             perm[g.id], pair_cost[g.id] = np.arange(g.size), np.zeros(g.size)
             continue
-        rows, cols = linear_sum_assignment(cost)
+        rows, cols = linear_sum_assignment(gc.cost)
         perm[g.id] = cols[np.argsort(rows)]
-        pair_cost[g.id] = cost[np.arange(g.size), perm[g.id]]
+        pair_cost[g.id] = gc.cost[np.arange(g.size), perm[g.id]]
+        if gc.order:
+            within[g.id] = {}
+            for w, order in gc.order.items():
+                sigma = np.empty((g.size, order.shape[2]), dtype=np.int64)
+                sigma[perm[g.id]] = order[np.arange(g.size), perm[g.id]]
+                within[g.id][w] = sigma
     if unmatched:
         log.warning("no activation site measured for %d group(s); they are matched at identity", len(unmatched))
-    return Matching(perm, pair_cost, "activation", unmatched)
+    return Matching(perm, pair_cost, "activation", unmatched, within=within)
 
 
 def identity_matching(spec: GroupSpec, stats: Statistics | None, gm_a: fx.GraphModule,
@@ -86,13 +146,13 @@ def identity_matching(spec: GroupSpec, stats: Statistics | None, gm_a: fx.GraphM
     """No permutation: feature i of A goes with feature i of B (plain averaging, RegMean).
     The pair costs (which pairs a budget above 1 keeps apart) are activation costs where sites
     were measured, else weight distances."""
-    costs = activation_costs(spec, stats) if stats is not None and stats.sites else {}
+    costs = activation_costs(spec, stats, align=False) if stats is not None and stats.sites else {}
     fallback = None
     perm, pair_cost, unmatched = {}, {}, []
     for g in spec.mergeable():
         perm[g.id] = np.arange(g.size)
         if costs.get(g.id) is not None:
-            pair_cost[g.id] = np.diagonal(costs[g.id]).copy()
+            pair_cost[g.id] = np.diagonal(costs[g.id].cost).copy()
             continue
         if fallback is None:
             fallback = weight_matching(spec, gm_a, gm_b, max_iter=0)
@@ -110,8 +170,8 @@ def zipit_correlations(spec: GroupSpec, stats: Statistics) -> dict[int, np.ndarr
     for g in spec.mergeable():
         corr, used = np.zeros((2 * g.size, 2 * g.size)), 0
         for site in g.sites:
-            m = stats.sites.get((site.node, site.axis))
-            if m is None or m.count == 0:
+            m = stats.sites.get(site.key)
+            if m is None or m.count == 0 or site.within is not None:  # unit features only
                 continue
             if m.aa is None:
                 raise PleasError("ZipIt! matching needs within-model site moments (collect_statistics(full_sites=True))")
@@ -185,7 +245,7 @@ def weight_matching(spec: GroupSpec, gm_a: fx.GraphModule, gm_b: fx.GraphModule,
     rng = np.random.default_rng(seed)
     groups = spec.mergeable()
     perm = {g.id: np.arange(g.size) for g in groups}
-    frozen = {g.id for g in spec.groups.values() if g.frozen}
+    frozen = spec.fixed()
     members = {g.id: [m for m in g.params if m.layout] for g in groups}
     tensors_a = {n: getattr_path(gm_a, n).detach().double() for n in spec.param_layouts
                  if torch.is_tensor(getattr_path(gm_a, n)) and getattr_path(gm_a, n).is_floating_point()}

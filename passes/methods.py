@@ -101,6 +101,7 @@ def plans_for(spec: GroupSpec, m: Matching, widths: dict[int, int]) -> dict[int,
             plans[g.id] = GroupPlan.from_zip(g.size, m.pairs[g.id], merges)
         else:
             plans[g.id] = GroupPlan.from_matching(m.perm[g.id], m.pair_cost[g.id], merges)
+            plans[g.id].within = m.within.get(g.id) or None
     return plans
 
 

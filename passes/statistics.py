@@ -89,7 +89,7 @@ class SiteMoments:
 @dataclass
 class Statistics:
     least_squares: dict[str, SecondMoments] = field(default_factory=dict)
-    sites: dict[tuple[str, int], SiteMoments] = field(default_factory=dict)
+    sites: dict[tuple, SiteMoments] = field(default_factory=dict)  # keyed by Site.key
     batches: int = 0
     samples: int = 0
     cache: dict = field(default_factory=dict)  # budget-independent products, reused by every fill
@@ -219,9 +219,9 @@ def collect_statistics(
     stats = Statistics()
     nodes_a, nodes_b = list(gm_a.graph.nodes), list(gm_b.graph.nodes)
     ls_by_node = {n.node: n for n in ls_nodes}
-    sites_by_node: dict[str, list[int]] = {}
+    sites_by_node: dict[str, list[Site]] = {}
     for site in sites:
-        sites_by_node.setdefault(site.node, []).append(site.axis)
+        sites_by_node.setdefault(site.node, []).append(site)
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes_a):
         for inp in node.all_input_nodes:
@@ -257,13 +257,17 @@ def collect_statistics(
                     _accumulate_gram(acc, itertools.chain([first], chunks), dtype)
                 env_a[na.name] = _execute(gm_a, na, env_a)
                 env_b[nb.name] = _execute(gm_b, nb, env_b)
-                for axis in sites_by_node.get(na.name, ()):
+                for site in sites_by_node.get(na.name, ()):
                     za, zb = env_a[na.name], env_b[nb.name]
-                    acc_s = stats.sites.get((na.name, axis))
+                    axis = site.axis
+                    if site.within_axis is not None:  # units x within entries, as one axis
+                        za, zb = (z.movedim((site.axis, site.within_axis), (-2, -1)).flatten(-2) for z in (za, zb))
+                        axis = -1
+                    acc_s = stats.sites.get(site.key)
                     if acc_s is None:
                         d = za.shape[axis]
                         zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)
-                        acc_s = stats.sites[(na.name, axis)] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
+                        acc_s = stats.sites[site.key] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
                         if full_sites:
                             acc_s.aa, acc_s.bb, acc_s.sum_a, acc_s.sum_b = zeros(d, d), zeros(d, d), zeros(d), zeros(d)
                     _accumulate_site(acc_s, za, zb, axis, dtype)

@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pleas_fx.data import REQUIRED, as_args
 from pleas_fx.errors import ArchitectureMismatchError, TraceError, WeightError
-from passes.lower import lower_multihead_attention
+from passes.lower import lower_multihead_attention, split_fused_qkv
 
 
 @dataclass
@@ -42,7 +42,7 @@ def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
                 f"{type(exc).__name__}: {exc}. Data-dependent Python control flow is the usual "
                 "cause; make that code a leaf module or rewrite it without branching on tensors."
             ) from exc
-    return lower_multihead_attention(gm).eval()
+    return split_fused_qkv(lower_multihead_attention(gm)).eval()
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:

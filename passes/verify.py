@@ -13,16 +13,27 @@ from passes.trace import getattr_path
 
 
 def random_permutations(spec: GroupSpec, seed: int = 0) -> dict[int, np.ndarray]:
+    """A random permutation per mergeable group, and per live within group a (units, w)
+    array: a random order of the entries of every unit of its parent."""
     rng = np.random.default_rng(seed)
-    return {g.id: rng.permutation(g.size) for g in spec.mergeable()}
+    perms = {g.id: rng.permutation(g.size) for g in spec.mergeable()}
+    for g in spec.mergeable():
+        for w in spec.within_groups(g.id):
+            perms[w.id] = np.stack([rng.permutation(w.size) for _ in range(g.size)])
+    return perms
 
 
 def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarray]) -> fx.GraphModule:
     """A copy of `gm` whose every parameter and buffer axis is permuted by its groups'
-    permutations (new unit u = old unit perms[g][u]). Sound groups leave outputs unchanged."""
+    permutations (new unit u = old unit perms[g][u]; within entries of a unit reordered by the
+    row of perms[w] of the old unit). Sound groups leave outputs unchanged."""
     out = copy.deepcopy(gm)
-    plans = {g: GroupPlan(len(p), p, p) for g, p in perms.items()}
-    frozen = {g.id for g in spec.groups.values() if g.frozen or g.id not in perms}
+    plans = {}
+    for g, p in perms.items():
+        if g in spec.groups and spec.groups[g].parent is None:
+            within = {w.id: perms[w.id] for w in spec.within_groups(g) if w.id in perms}
+            plans[g] = GroupPlan(len(p), p, p, within=within or None)
+    frozen = spec.fixed() | {g for g in spec.groups if g not in plans}
     with torch.no_grad():
         for name, layouts in spec.param_layouts.items():
             tensor = getattr_path(out, name)
@@ -32,7 +43,7 @@ def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarr
             for axis, lay in enumerate(layouts):
                 if all(s.group in frozen for s in lay):
                     continue
-                idx = torch.as_tensor(axis_map(lay, plans, frozen).idx_a, device=tensor.device)
+                idx = torch.as_tensor(axis_map(lay, plans, frozen).idx_b, device=tensor.device)
                 new = new.index_select(axis, idx)
             tensor.copy_(new)
     return out
@@ -41,8 +52,8 @@ def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarr
 def relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected| over (nested) tensor outputs."""
     a, e = _flat(actual), _flat(expected)
-    num = max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, e))
-    den = max(float(y.double().abs().max()) for y in e)
+    num = max(float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, e))
+    den = max(float(y.detach().double().abs().max()) for y in e)
     return num / max(den, 1e-30)
 
 
@@ -65,7 +76,7 @@ def structural_parameters(spec: GroupSpec, plans: dict[int, GroupPlan], names: l
     """Parameters of a merged model that are not structurally zero, from the expanded plans:
     an entry counts if one model has a feature on every axis of it (entries fed by A on all
     axes, plus those fed by B on all axes, minus those fed by both on all axes)."""
-    frozen = {g.id for g in spec.groups.values() if g.frozen}
+    frozen = spec.fixed()
     total = 0
     for name in names:
         on_a = on_b = on_both = 1

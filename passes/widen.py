@@ -83,7 +83,7 @@ def _rewrite_sizes(args: tuple, old: list[int], new: list[int]) -> tuple:
 
 
 def widen(gm: fx.GraphModule, spec: GroupSpec, widths: dict[int, int]) -> fx.GraphModule:
-    frozen = {g.id for g in spec.groups.values() if g.frozen}
+    frozen = spec.fixed()
     merged = copy.deepcopy(gm)
     depthwise = {
         n.target for n in gm.graph.nodes if n.op == "call_module"

@@ -65,12 +65,25 @@ class SiteEntry:
 
 
 @dataclass
+class WithinEntry:
+    """A within group of a mergeable group: `size` entries inside every unit (a head's
+    head_dim), permuted unit by unit (live), or kept in place (frozen, with the reason)."""
+
+    id: int
+    size: int
+    frozen: bool
+    reasons: list[str] = field(default_factory=list)
+    sites: list[SiteEntry] = field(default_factory=list)  # where unit x entry costs are measured
+
+
+@dataclass
 class GroupEntry:
     id: int
     size: int
     structure: str
     params: list[ParamEntry] = field(default_factory=list)
     sites: list[SiteEntry] = field(default_factory=list)
+    within: list[WithinEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -132,7 +145,9 @@ class GroupReport:
             model=d["model"],
             input_shapes=[list(s) for s in d["input_shapes"]],
             groups=[
-                GroupEntry(g["id"], g["size"], g["structure"], params(g["params"]), [SiteEntry(**s) for s in g["sites"]])
+                GroupEntry(g["id"], g["size"], g["structure"], params(g["params"]), [SiteEntry(**s) for s in g["sites"]],
+                           [WithinEntry(w["id"], w["size"], w["frozen"], list(w["reasons"]),
+                                        [SiteEntry(**s) for s in w["sites"]]) for w in g.get("within", [])])
                 for g in d["groups"]
             ],
             frozen=[
@@ -180,6 +195,10 @@ class GroupReport:
             out.append(f"  group {g.id}  size {g.size}  {g.structure}")
             out.extend(_wrapped("params", [_param_text(p) for p in g.params]))
             out.extend(_wrapped("sites", [f"{s.node}[{s.axis}]" for s in g.sites]))
+            for w in g.within:
+                state = "FROZEN: " + "; ".join(w.reasons) if w.frozen else "permuted unit by unit"
+                out.append(f"    within group {w.id}  {w.size} entries per unit  {state}")
+                out.extend(_wrapped("  sites", [f"{s.node}[{s.axis}]" for s in w.sites]))
         if self.frozen:
             out.append("")
             out.append(f"frozen hidden groups ({len(self.frozen)}):")
@@ -319,11 +338,17 @@ def report_from_spec(spec: GroupSpec, model: str = "model", input_shapes: Sequen
     groups, frozen, by_reason = [], [], {}
     n_structural = 0
     for g in order:
+        if g.parent is not None:  # a within group: reported with the group whose units it lives in
+            continue
         layouts = [p.layout for p in g.params] + [lay for _, _, lay in appearances.get(g.id, [])]
         structure = _structure(g.size, layouts, g.id)
         params = [ParamEntry(p.name, p.axis, p.role, _segment_text(p.layout, g.id)) for p in g.params]
         if not g.frozen:  # every mergeable group is listed (counted as hidden units too)
-            groups.append(GroupEntry(g.id, g.size, structure, params, [SiteEntry(s.node, s.axis) for s in g.sites]))
+            within = [WithinEntry(w.id, w.size, w.frozen, list(w.reasons),
+                                  [SiteEntry(s.node, s.axis) for s in g.sites if s.within == w.id])
+                      for w in spec.groups.values() if w.parent == g.id]
+            groups.append(GroupEntry(g.id, g.size, structure, params,
+                                     [SiteEntry(s.node, s.axis) for s in g.sites if s.within is None], within))
         elif not is_hidden(g, non_float):
             n_structural += 1
         else:

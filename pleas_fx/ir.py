@@ -5,6 +5,11 @@ of contiguous *segments*; inside a segment, axis index = offset + o*(size*inner)
 for unit u of the group, inner position r and outer repetition o. A plain channel axis is one
 segment (inner = outer = 1); flattening NCHW gives inner = H*W; a concat gives several segments.
 
+A segment may also carry a *within* group: the `inner` entries of each unit are then permuted
+by a permutation of their own, one per unit (attention: the head_dim entries of each head,
+q and k sharing one such group, v and the output projection another). Within groups never
+change a width; their permutations live in the parent group's plan (`GroupPlan.within`).
+
 A *group plan* says, for one group, which features of A and B become which merged feature.
 Everything a transformation pass needs is computed from layouts and plans by the helpers
 at the end of this module, so passes never talk to each other directly.
@@ -21,12 +26,14 @@ import numpy as np
 @dataclass(frozen=True)
 class Segment:
     """`size` permutable units of group `group`, each `inner` contiguous entries, the whole
-    block repeated `outer` times."""
+    block repeated `outer` times. `within`: a group permuting blocks of each unit's inner
+    entries (inner = within size x block), separately for every unit; None: no such group."""
 
     group: int
     size: int
     inner: int = 1
     outer: int = 1
+    within: int | None = None
 
     @property
     def numel(self) -> int:
@@ -56,10 +63,24 @@ class ParamAxis:
 @dataclass(frozen=True)
 class Site:
     """An activation (fx node output) whose axis `axis` is exactly one plain segment of a group:
-    where activation matching measures the features."""
+    where activation matching measures the features.
+
+    A site with `within` set measures a group's units together with their within-group entries
+    (d units x w entries, unit-major): either `axis` is one segment of the group carrying
+    `within` (inner = w), or `axis` holds the units and `within_axis` the w entries."""
 
     node: str
     axis: int
+    within: int | None = None
+    within_axis: int | None = None
+    # a units-only site on a tensor that also holds the units' within entries: its unit costs
+    # compare entry r with entry r, so matching that aligns entries leaves it out
+    unaligned: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """The key of this site's moments in the statistics."""
+        return (self.node, self.axis) if self.within_axis is None else (self.node, self.axis, self.within_axis)
 
 
 @dataclass
@@ -72,6 +93,7 @@ class Group:
     reasons: list[str] = field(default_factory=list)
     params: list[ParamAxis] = field(default_factory=list)
     sites: list[Site] = field(default_factory=list)
+    parent: int | None = None  # a within group: the group whose units it permutes inside
 
 
 @dataclass
@@ -87,7 +109,16 @@ class GroupSpec:
     frozen_reasons: list[tuple[str, str]]  # (where, why), in graph order
 
     def mergeable(self) -> list[Group]:
-        return [g for g in self.groups.values() if not g.frozen]
+        """Groups whose width a merge chooses (within groups never change a width)."""
+        return [g for g in self.groups.values() if not g.frozen and g.parent is None]
+
+    def within_groups(self, parent: int) -> list[Group]:
+        """The live within groups of group `parent` (e.g. a heads group's q/k and v/proj groups)."""
+        return [g for g in self.groups.values() if g.parent == parent and not g.frozen]
+
+    def fixed(self) -> set[int]:
+        """Groups that keep their size in every merge: frozen groups and within groups."""
+        return {g.id for g in self.groups.values() if g.frozen or g.parent is not None}
 
 
 # --------------------------------------------------------------------------- merge plans
@@ -109,6 +140,9 @@ class GroupPlan:
     src_b: np.ndarray
     src_a2: np.ndarray | None = None
     src_b2: np.ndarray | None = None
+    # within group id -> (size, w) array: B's unit j enters the merged model with its within
+    # entries reordered, merged entry r reading B's entry within[W][j, r] (absent: identity)
+    within: dict[int, np.ndarray] | None = None
 
     @property
     def width(self) -> int:
@@ -241,14 +275,19 @@ def axis_map(layout: Layout, plans: dict[int, GroupPlan], frozen: set[int], inne
         o = np.arange(seg.outer)[:, None, None] * (seg.size * sub)
         r = np.arange(sub)[None, None, :]
 
-        def expand(src: np.ndarray | None) -> np.ndarray:
+        sigma = None
+        if seg.within is not None and seg.group not in frozen and plan.within and seg.within in plan.within:
+            sigma = np.asarray(plan.within[seg.within], dtype=np.int64)
+
+        def expand(src: np.ndarray | None, reorder: np.ndarray | None = None) -> np.ndarray:
             if src is None:
                 src = np.full(plan.width, -1, dtype=np.int64)
-            idx = offset + o + src[None, :, None] * sub + r
+            rr = r if reorder is None else _reordered(reorder, src, sub)
+            idx = offset + o + src[None, :, None] * sub + rr
             return np.where(src[None, :, None] >= 0, idx, -1).reshape(-1)
 
         for k, src in enumerate((plan.src_a, plan.src_b, plan.src_a2, plan.src_b2)):
-            parts[k].append(expand(src))
+            parts[k].append(expand(src, sigma if k == 1 else None))
         second = second or not plan.pairwise
         offset += seg.numel * inner
     is_frozen = all(seg.group in frozen for seg in layout)
@@ -256,6 +295,18 @@ def axis_map(layout: Layout, plans: dict[int, GroupPlan], frozen: set[int], inne
     if not second:
         return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen)
     return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen, cat(parts[2]), cat(parts[3]))
+
+
+def _reordered(sigma: np.ndarray, src: np.ndarray, sub: int) -> np.ndarray:
+    """Inner offsets (1, units, sub) of B's units `src` after their within permutation `sigma`
+    (units x w; each of the w blocks holds sub // w consecutive entries)."""
+    w = sigma.shape[1]
+    if sub % w:
+        raise ValueError(f"a within permutation of {w} blocks does not divide {sub} inner entries")
+    block = sub // w
+    r = np.arange(sub)
+    rows = sigma[np.maximum(src, 0)]  # (units, w)
+    return (rows[:, r // block] * block + r % block)[None, :, :]
 
 
 def merged_axis_size(layout: Layout, widths: dict[int, int], frozen: set[int]) -> int:

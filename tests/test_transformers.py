@@ -129,6 +129,10 @@ def test_random_transformers_sound_self_merge_and_widened_heads(cfg, seed):
     frozen = [g for g in spec.groups.values() if g.frozen and g.reasons and
               not any(r.startswith(("network", "batch", "spatial", "kernel", "size-1", "constant")) for r in g.reasons)]
     assert all(g.size == 4 + int(cfg["cls"]) for g in frozen), [(g.size, g.reasons) for g in frozen]
+    # each attention: one heads group with two live within groups (q/k and v/proj), both permuted
+    heads = [g for g in spec.mergeable() if spec.within_groups(g.id)]
+    assert len(heads) == cfg["depth"] and all(len(spec.within_groups(g.id)) == 2 for g in heads)
+    assert all(w.id in perms for g in heads for w in spec.within_groups(g.id))
     assert relative_error(nets.run(permuted, x), nets.run(a, x)) < 1e-5
     merged = pleas_fx.merge(a, permuted, x, 1.0, data=data, progress=False)
     assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
@@ -158,22 +162,79 @@ def test_one_head_is_sound_and_self_merges(kind):
     assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
 
 
-def test_reshape_to_heads_permutes_heads_as_units():
-    """The fused qkv axis (3 x heads x head_dim) is one group of `heads` units of head_dim
-    entries repeated for q, k and v: a permutation moves whole heads, the same in q, k and v."""
+def _attention_layouts(kind):
     from passes.infer_groups import infer_groups
     from passes.trace import propagate_shapes, trace_model
 
-    cfg = {"heads": 3, "head_dim": 4, "depth": 1, "mlp": 8, "kind": "fused", "pre_norm": True, "cls": False}
+    cfg = {"heads": 3, "head_dim": 4, "depth": 1, "mlp": 8, "kind": kind, "pre_norm": True, "cls": False}
     gm = trace_model(build(cfg, 0), "m")
     propagate_shapes(gm, (torch.randn(2, 1, 8, 8),))
     spec = infer_groups(gm)
-    (layout,) = [spec.param_layouts["blocks.0.attn.qkv.weight"][0]]
-    (seg,) = layout
-    assert (spec.groups[seg.group].size, seg.inner, seg.outer) == (3, 4, 3)
-    assert spec.param_layouts["blocks.0.attn.proj.weight"][1] == ((seg.group, 3, 4, 1),) or \
-        [(s.group, s.size, s.inner, s.outer) for s in spec.param_layouts["blocks.0.attn.proj.weight"][1]] == [(seg.group, 3, 4, 1)]
-    assert not spec.groups[seg.group].frozen
+    weights = {"fused": ["blocks.0.attn.qkv.weight"], "sdpa": ["blocks.0.attn.qkv.weight"],
+               "mha": ["blocks.0.attn.mha.in_proj.weight"],
+               "separate": [f"blocks.0.attn.{p}.weight" for p in "qkv"]}[kind]
+    qkv = [seg for name in weights for seg in spec.param_layouts[name][0]]  # q, k, v output segments
+    proj = "blocks.0.attn.mha.out_proj.weight" if kind == "mha" else "blocks.0.attn.proj.weight"
+    return spec, qkv, spec.param_layouts[proj][1]
+
+
+@pytest.mark.parametrize("kind", ["fused", "sdpa", "separate", "mha"])
+def test_heads_permute_as_units_with_within_head_groups(kind):
+    """q, k and v are each `heads` units of head_dim entries of one heads group (a permutation
+    moves whole heads, the same in q, k, v and the output projection's input); inside each head,
+    q and k share one within group and v and the output projection another, for fused qkv
+    (split into pieces), separate projections and lowered nn.MultiheadAttention alike."""
+    spec, (q, k, v), proj_in = _attention_layouts(kind)
+    (proj,) = proj_in
+    heads = spec.groups[q.group]
+    assert not heads.frozen and heads.size == 3 and heads.parent is None
+    assert {s.group for s in (q, k, v, proj)} == {heads.id}
+    assert all((s.size, s.inner, s.outer) == (3, 4, 1) for s in (q, k, v, proj))
+    assert q.within == k.within and v.within == proj.within and q.within != v.within
+    for w in (q.within, v.within):
+        assert spec.groups[w].parent == heads.id and spec.groups[w].size == 4 and not spec.groups[w].frozen
+    assert sorted(w.id for w in spec.within_groups(heads.id)) == sorted({q.within, v.within})
+    assert heads in spec.mergeable() and spec.groups[q.within] not in spec.mergeable()
+    # unit x entry costs are measured for both within groups
+    assert {s.within for s in heads.sites if s.within is not None} == {q.within, v.within}
+
+
+class QKNormAttention(nn.Module):
+    """q and k normalised over head_dim by one LayerNorm shared by all heads (as in ViT-22B):
+    the norm's weight is one vector for every head, so within-head permutations must be frozen
+    (heads still permute as units)."""
+
+    def __init__(self, dim=12, heads=3):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.hd), nn.LayerNorm(self.hd)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+def test_within_group_frozen_when_a_parameter_spans_every_head():
+    from passes.infer_groups import infer_groups
+    from passes.trace import propagate_shapes, trace_model
+    from passes.verify import permute_model, random_permutations
+
+    model = _randomised(nn.Sequential(QKNormAttention()), 0)
+    x = torch.randn(2, 5, 12)
+    gm = trace_model(model, "m")
+    propagate_shapes(gm, (x,))
+    spec = infer_groups(gm)
+    q = spec.param_layouts["0.qkv.weight"][0][0]
+    v = spec.param_layouts["0.qkv.weight"][0][2]
+    assert not spec.groups[q.group].frozen  # heads still permute
+    assert spec.groups[q.within].frozen and any("parameter 0.q_norm.weight" in r or "0.k_norm" in r
+                                                for r in spec.groups[q.within].reasons)
+    assert not spec.groups[v.within].frozen  # v / proj entries are untouched by the norms
+    permuted = permute_model(gm, spec, random_permutations(spec, 0))
+    assert relative_error(permuted(x), model(x)) < 1e-5
 
 
 def _timm(name, seed, **kw):
@@ -350,6 +411,9 @@ def test_real_minilm_bert_traced_with_transformers_fx():
     spec = infer_groups(gm)
     sizes = sorted(g.size for g in spec.mergeable())
     assert sizes == [12] * 6 + [1536] * 6  # 12 heads and 1536 MLP units in each of the 6 layers
+    # inside every head: q/k entries and v/output-projection entries (head_dim 32)
+    heads = [g for g in spec.mergeable() if g.size == 12]
+    assert all(sorted(w.size for w in spec.within_groups(g.id)) == [32, 32] for g in heads)
     permuted = permute_model(gm, spec, random_permutations(spec, 1))
     with torch.no_grad():
         reference = bert(**example).last_hidden_state
