@@ -196,6 +196,18 @@ class InferenceContext:
             if w is not None:
                 self.uf.freeze(w, f"within-unit entries meet an axis without that structure at {self.where()}")
 
+    def _rewrite_layouts(self, rewrite) -> None:
+        """Apply `rewrite` (layout -> layout) to every layout recorded so far."""
+        def rewrite_value(value: Any) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, TupleLayouts):
+                return TupleLayouts(rewrite_value(v) for v in value)
+            return [rewrite(lay) for lay in value]
+
+        self.values = {name: rewrite_value(v) for name, v in self.values.items()}
+        self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
+
     def refine(self, group: int, outer: int, units: int, inner: int, within: int | None = None) -> None:
         """Coarsen a group of n = outer * units * inner features to `units` blocks of `inner`
         consecutive features, the block structure repeated `outer` times (e.g. a fused qkv axis
@@ -214,15 +226,7 @@ class InferenceContext:
             return tuple(Segment(s.group, units, s.inner * inner, s.outer * outer, within)
                          if self.uf.find(s.group) == root else s for s in layout)
 
-        def rewrite_value(value: Any) -> Any:
-            if value is None:
-                return None
-            if isinstance(value, TupleLayouts):
-                return TupleLayouts(rewrite_value(v) for v in value)
-            return [rewrite(lay) for lay in value]
-
-        self.values = {name: rewrite_value(v) for name, v in self.values.items()}
-        self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
+        self._rewrite_layouts(rewrite)
         self.uf.size[root] = units
 
     def partition(self, group: int, sizes: list[int]) -> bool:
@@ -248,15 +252,7 @@ class InferenceContext:
                     out.append(s)
             return tuple(out)
 
-        def rewrite_value(value: Any) -> Any:
-            if value is None:
-                return None
-            if isinstance(value, TupleLayouts):
-                return TupleLayouts(rewrite_value(v) for v in value)
-            return [rewrite(lay) for lay in value]
-
-        self.values = {name: rewrite_value(v) for name, v in self.values.items()}
-        self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
+        self._rewrite_layouts(rewrite)
         return True
 
     def has_within(self, group: int) -> bool:
