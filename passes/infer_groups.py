@@ -237,9 +237,7 @@ class InferenceContext:
         root = self.uf.find(group)
         if sum(sizes) != self.uf.size[root] or self.uf.frozen[root] or self.has_within(group):
             return False
-        lays = [lay for v in self.values.values() for lay in iter_layouts(v)]
-        lays += [lay for v in self.param_layouts.values() for lay in v]
-        if any(s.outer != 1 for lay in lays for s in lay if self.uf.find(s.group) == root):
+        if any(s.outer != 1 for lay in self._recorded_layouts() for s in lay if self.uf.find(s.group) == root):
             return False
         pieces = [self.uf.new(n) for n in sizes]
 
@@ -258,9 +256,16 @@ class InferenceContext:
     def has_within(self, group: int) -> bool:
         """Whether any recorded segment of `group` carries a within group."""
         root = self.uf.find(group)
-        lays = [lay for v in self.values.values() for lay in iter_layouts(v)]
-        lays += [lay for v in self.param_layouts.values() for lay in v]
-        return any(s.within is not None and self.uf.find(s.group) == root for lay in lays for s in lay)
+        return any(s.within is not None and self.uf.find(s.group) == root
+                   for lay in self._recorded_layouts() for s in lay)
+
+    def _recorded_layouts(self):
+        """Every axis layout recorded so far: node values (tuple elements included) and parameters."""
+        for value in self.values.values():
+            for tensor in tensor_layouts(value):
+                yield from tensor
+        for lays in self.param_layouts.values():
+            yield from lays
 
     def param(self, name: str, layouts: list[Layout], roles: list[str] | None = None) -> list[Layout]:
         """Declare a parameter's (or buffer's) axes; a second declaration unifies with the first."""
@@ -286,16 +291,16 @@ class InferenceContext:
         return {f"{node.target}.{n}": t for n, t in items if t is not None}
 
 
-def iter_layouts(value: Any):
-    """Every axis layout in a node value (list of layouts, TupleLayouts, nested, or None)."""
+def tensor_layouts(value: Any):
+    """The per-axis layout lists of every tensor in a node value (a list of layouts; for tuple
+    outputs a TupleLayouts, or once resolved a list, of such values; None for non-tensors)."""
     if value is None:
         return
-    if isinstance(value, list) and not isinstance(value, TupleLayouts):
-        if all(isinstance(v, tuple) for v in value):
-            yield from value
-            return
+    if all(isinstance(v, tuple) for v in value):
+        yield value
+        return
     for item in value:
-        yield from iter_layouts(item)
+        yield from tensor_layouts(item)
 
 
 def freeze_unknown(ctx: InferenceContext, node: fx.Node, reason: str) -> Any:
@@ -361,24 +366,11 @@ def _resolve_value(ctx: InferenceContext, value: Any) -> Any:
     return [_resolve(ctx, lay) for lay in value]
 
 
-def _tensor_values(values: dict[str, Any]):
-    """(name, list of axis layouts) for every tensor value, tuple elements included."""
-    def walk(name, value):
-        if value is None:
-            return
-        if isinstance(value, TupleLayouts):
-            for item in value:
-                yield from walk(name, item)
-        elif isinstance(value, list) and all(isinstance(v, tuple) for v in value):
-            yield name, value
-    for name, value in values.items():
-        yield from walk(name, value)
-
-
-def _check_within(ctx: InferenceContext) -> None:
+def _check_within(ctx: InferenceContext, param_layouts: dict[str, list[Layout]], node_layouts: dict[str, Any]) -> None:
     """Freeze every within group whose permutations could not be applied unit by unit: linked
     to units of two different groups, units frozen, on a parameter axis without its units, or
-    on a tensor axis whose units are not on exactly one other axis of the same tensor."""
+    on a tensor axis whose units are not on exactly one other axis of the same tensor. Reads
+    the resolved layouts."""
     uf, find = ctx.uf, ctx.uf.find
     roots = {find(v) for v in list(uf.parents)}
     why: dict[int, str] = {}
@@ -388,8 +380,8 @@ def _check_within(ctx: InferenceContext) -> None:
             why[w] = "within entries linked to units of different groups"
         elif uf.frozen[p]:
             why[w] = "the units it lives in are frozen"
-    node_values = [(n, [_resolve(ctx, lay) for lay in lays]) for n, lays in _tensor_values(ctx.values)]
-    param_values = [(n, [_resolve(ctx, lay) for lay in lays]) for n, lays in ctx.param_layouts.items()]
+    node_values = [(n, lays) for n, value in node_layouts.items() for lays in tensor_layouts(value)]
+    param_values = list(param_layouts.items())
     for kind, values in (("parameter", param_values), ("tensor", node_values)):
         for name, lays in values:
             for axis, lay in enumerate(lays):
@@ -436,7 +428,9 @@ def _drop_repeated_within_sites(gm: fx.GraphModule, groups: dict[int, Group]) ->
 
 
 def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> GroupSpec:
-    _check_within(ctx)
+    param_layouts = {n: [_resolve(ctx, lay) for lay in lays] for n, lays in ctx.param_layouts.items()}
+    node_layouts = {name: _resolve_value(ctx, v) for name, v in ctx.values.items()}
+    _check_within(ctx, param_layouts, node_layouts)
     uf = ctx.uf
     groups: dict[int, Group] = {}
     within_roots = {uf.find(v) for v in uf.parents}
@@ -449,12 +443,10 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
                 groups[root].parent = -1  # linked to several groups' units (frozen)
         return groups[root]
 
-    param_layouts = {n: [_resolve(ctx, lay) for lay in lays] for n, lays in ctx.param_layouts.items()}
     for name, lays in param_layouts.items():
         for axis, lay in enumerate(lays):
             for seg in lay:
                 group(seg.group).params.append(ParamAxis(name, axis, lay, ctx.param_roles[name][axis]))
-    node_layouts = {name: _resolve_value(ctx, v) for name, v in ctx.values.items()}
 
     def register(value: Any) -> None:
         for item in value or ():

@@ -12,13 +12,12 @@ no masks, packed in-projection) are rewritten as
 which computes the same function (eval mode: no attention dropout) with widths free of
 embed_dim, so heads can be permuted as units and kept apart when widened, and q, k and v each
 reshaped on their own, so the entries of each head can be permuted too (q with k, v with the
-output projection).
+output projection). The rewritten module replaces the attention module in the traced copy:
+its parameters are `in_proj.weight`, `in_proj.bias` and `out_proj.*` under the attention's
+name. Other calls are left as they are (their axes stay frozen, with the reason reported).
 
 `split_fused_qkv` rewrites the fused timm form `qkv.reshape(B, T, 3, heads, head_dim)
-.permute(2, 0, 3, 1, 4)` followed by `unbind(0)` (or indexing 0, 1, 2) the same way. The rewritten module
-replaces the attention module in the traced copy: its parameters are `in_proj.weight`,
-`in_proj.bias` and `out_proj.*` under the attention's name. Other calls are left as they are
-(their axes stay frozen, with the reason reported).
+.permute(2, 0, 3, 1, 4)` followed by `unbind(0)` (or indexing 0, 1, 2) the same way.
 """
 from __future__ import annotations
 

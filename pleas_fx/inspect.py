@@ -32,7 +32,7 @@ import torch.fx as fx
 from pleas_fx.data import as_args
 from pleas_fx.errors import PleasError, TraceError, one_line
 from pleas_fx.ir import Group, GroupSpec, Layout
-from passes.infer_groups import STRUCTURAL, infer_groups
+from passes.infer_groups import STRUCTURAL, infer_groups, tensor_layouts
 from passes.trace import getattr_path, propagate_shapes, trace_model
 from passes.verify import permute_model, random_permutations, relative_error
 
@@ -273,17 +273,6 @@ def _segment_text(layout: Layout, gid: int) -> str:
     return "; ".join(parts)
 
 
-def _iter_layouts(value: Any):
-    """(axis, layout) for every axis of a node's (possibly tuple) value."""
-    if not value:
-        return
-    for axis, item in enumerate(value):
-        if isinstance(item, tuple):
-            yield axis, item
-        elif isinstance(item, list):
-            yield from _iter_layouts(item)
-
-
 def _structure(size: int, layouts: list[Layout], gid: int) -> str:
     inners, outers, concat = set(), set(), False
     for lay in layouts:
@@ -325,9 +314,10 @@ def report_from_spec(spec: GroupSpec, model: str = "model", input_shapes: Sequen
     # Where every group appears on activations, in graph order.
     appearances: dict[int, list[tuple[str, int, Layout]]] = {}
     for node, value in spec.node_layouts.items():
-        for axis, lay in _iter_layouts(value):
-            for seg in lay:
-                appearances.setdefault(seg.group, []).append((node, axis, lay))
+        for lays in tensor_layouts(value):
+            for axis, lay in enumerate(lays):
+                for seg in lay:
+                    appearances.setdefault(seg.group, []).append((node, axis, lay))
     first = {gid: i for i, gid in enumerate(appearances)}
     order = sorted(spec.groups.values(), key=lambda g: (first.get(g.id, len(first)), g.id))
     reported = {}
