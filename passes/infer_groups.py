@@ -445,8 +445,8 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
 
     for name, lays in param_layouts.items():
         for axis, lay in enumerate(lays):
-            for seg in lay:
-                group(seg.group).params.append(ParamAxis(name, axis, lay, ctx.param_roles[name][axis]))
+            for gid in dict.fromkeys(seg.group for seg in lay):  # once per axis, however many segments
+                group(gid).params.append(ParamAxis(name, axis, lay, ctx.param_roles[name][axis]))
 
     def register(value: Any) -> None:
         for item in value or ():

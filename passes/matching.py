@@ -227,15 +227,18 @@ def zipit_matching(spec: GroupSpec, stats: Statistics) -> Matching:
 
 
 def _unit_matrix(tensor: torch.Tensor, member: ParamAxis, group: int) -> torch.Tensor:
-    """The entries of `member`'s axis that belong to `group`, as a (units, rest) matrix."""
-    offset = 0
+    """The entries of `member`'s axis that belong to `group`, as a (units, rest) matrix (every
+    segment of the group on the axis, e.g. the q, k and v pieces of a fused projection)."""
+    offset, blocks = 0, []
     for seg in member.layout:
         if seg.group == group:
             block = tensor.narrow(member.axis, offset, seg.numel).movedim(member.axis, 0)
             block = block.reshape(seg.outer, seg.size, seg.inner, *block.shape[1:])
-            return block.transpose(0, 1).reshape(seg.size, -1)
+            blocks.append(block.transpose(0, 1).reshape(seg.size, -1))
         offset += seg.numel
-    raise KeyError(group)
+    if not blocks:
+        raise KeyError(group)
+    return torch.cat(blocks, 1)
 
 
 def weight_matching(spec: GroupSpec, gm_a: fx.GraphModule, gm_b: fx.GraphModule,
