@@ -1,22 +1,9 @@
-"""Width allocation: how many features each group keeps apart, under a budget.
-
-Footprint = structural parameters: a merged feature is shared by both models, an unmerged one
-belongs to A or to B, and weights between A-only and B-only features are structurally zero
-(the least-squares fill keeps them zero). A tensor whose axes have s_i shared and u_i
-per-side entries therefore holds prod(s_i + u_i) * 2 - prod(s_i) parameters: one model's
-count when everything is merged, exactly two models' when nothing is. Frozen axes are shared.
-Since s_i + u_i is axis i's size in one model (A_i), a tensor costs 2 prod(A_i) - prod(s_i),
-and s_i = A_i - sum_g c_ig u_g is linear in the groups' unmerged counts u_g = width_g - d_g:
-the footprint is a polynomial in the u_g, bilinear for the usual weights with two grouped axes.
-
-With budget_metric="flops" each tensor is weighted by the output positions of the weight nodes
-that use it (multiply-accumulates = structural weight entries x output positions, for a forward
-pass over example_input; see `mac_weights`); biases, norms, elementwise ops, pooling and
-embedding lookups count zero.
+"""Width allocation policies: how many features each group keeps apart, under a budget on
+the footprint (passes/footprint.py).
 
 Allocations (all return widths d_g + u_g for every mergeable group):
 - uniform: every group keeps the same share of its features apart, the largest share whose
-  footprint stays within the budget (the original behaviour);
+  footprint stays within the budget;
 - highs: minimise a proxy loss subject to footprint <= budget x one model, as a MIP over a grid
   of width levels (passes/allocate_highs.py), then spend the leftover budget greedily one unit at
   a time, always checked with the exact count.
@@ -36,231 +23,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from math import prod
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
-from pleas_fx.errors import BudgetError, PleasError
-from pleas_fx.ir import GroupSpec, Layout
+from pleas_fx.core.errors import BudgetError, InternalError, PleasError
+from pleas_fx.core.ir import GroupSpec
+from pleas_fx.passes.allocate_highs import solve_grid_mip
+from pleas_fx.passes.footprint import Footprint
 
 log = logging.getLogger(__name__)
 
 METRICS = ("params", "flops")
 ALLOCATIONS = ("highs", "uniform")
 PROXIES = ("cost", "loo")
-
-
-# --------------------------------------------------------------------------- footprint
-@dataclass
-class _Tensor:
-    name: str
-    weight: int  # multiplier: 1 for parameters, output positions for MACs
-    axes: list[tuple[int, dict[int, int]]]  # per axis: (size in one model, {group: entries per unit})
-
-    @property
-    def full(self) -> int:
-        return prod(a for a, _ in self.axes)
-
-    def count(self, u: dict[int, int]) -> int:
-        shared = 1
-        for a, coef in self.axes:
-            shared *= a - sum(c * u[g] for g, c in coef.items())
-        return self.weight * (2 * self.full - shared)
-
-
-@dataclass
-class Polynomial:
-    """footprint(u) = const + sum_g lin[g] u_g + sum_(g<=h) quad[(g, h)] u_g u_h (integers).
-
-    `exact` is False when some tensor had three or more grouped axes; its shared product is then
-    bounded below (see `Footprint.polynomial`), so the polynomial is an upper bound of the
-    footprint (sound for a budget constraint) that is exact at u = 0."""
-
-    const: int = 0
-    lin: dict[int, int] = field(default_factory=dict)
-    quad: dict[tuple[int, int], int] = field(default_factory=dict)
-    exact: bool = True
-
-    def add_lin(self, g: int, v: int) -> None:
-        if v:
-            self.lin[g] = self.lin.get(g, 0) + v
-
-    def add_quad(self, g: int, h: int, v: int) -> None:
-        if v:
-            key = (g, h) if g <= h else (h, g)
-            self.quad[key] = self.quad.get(key, 0) + v
-
-    def __call__(self, u: dict[int, int]) -> int:
-        return (self.const + sum(v * u[g] for g, v in self.lin.items())
-                + sum(v * u[g] * u[h] for (g, h), v in self.quad.items()))
-
-
-@dataclass
-class Footprint:
-    """Size of the merged model as a function of the group widths.
-
-    By default every parameter in `parameter_names` counts its structural entries (metric
-    "params"). `weights` (name -> integer multiplier; names missing from it count zero) turns
-    this into other linear measures, e.g. multiply-accumulates (`Footprint.flops`)."""
-
-    spec: GroupSpec
-    parameter_names: list[str]
-    weights: dict[str, int] | None = None
-    metric: str = "params"
-
-    def __post_init__(self) -> None:
-        self.frozen = self.spec.fixed()
-        self.sizes = {g.id: g.size for g in self.spec.mergeable()}
-        self.tensors: list[_Tensor] = []
-        self.by_group: dict[int, list[int]] = {g: [] for g in self.sizes}
-        for name in self.parameter_names:
-            weight = 1 if self.weights is None else int(self.weights.get(name, 0))
-            if weight == 0:
-                continue
-            axes = [self._axis(lay) for lay in self.spec.param_layouts[name]]
-            idx = len(self.tensors)
-            self.tensors.append(_Tensor(name, weight, axes))
-            for g in sorted({g for _, coef in axes for g in coef}):
-                self.by_group[g].append(idx)
-        self.neighbours = {g: sorted({h for t in ts for _, coef in self.tensors[t].axes for h in coef})
-                           for g, ts in self.by_group.items()}
-        self.base = self.count({g: d for g, d in self.sizes.items()})
-
-    @classmethod
-    def flops(cls, gm: fx.GraphModule, spec: GroupSpec, parameter_names: list[str] | None = None) -> "Footprint":
-        """Multiply-accumulates of a forward pass over the example input `gm` was shape-propagated
-        with (see `mac_weights`)."""
-        names = parameter_names if parameter_names is not None else [n for n, _ in gm.named_parameters()]
-        return cls(spec, names, mac_weights(gm), "flops")
-
-    def _axis(self, layout: Layout) -> tuple[int, dict[int, int]]:
-        full, coef = 0, {}
-        for seg in layout:
-            rep = seg.inner * seg.outer
-            full += seg.size * rep
-            if seg.group not in self.frozen and rep and seg.size:
-                coef[seg.group] = coef.get(seg.group, 0) + rep
-        return full, coef
-
-    # -- exact counts
-    def unmerged(self, widths: dict[int, int]) -> dict[int, int]:
-        return {g: widths[g] - d for g, d in self.sizes.items()}
-
-    def widths(self, u: dict[int, int]) -> dict[int, int]:
-        return {g: d + u[g] for g, d in self.sizes.items()}
-
-    def count(self, widths: dict[int, int]) -> int:
-        """Exact footprint at these widths (width of group g in [d_g, 2 d_g])."""
-        return self.count_unmerged(self.unmerged(widths))
-
-    def count_unmerged(self, u: dict[int, int]) -> int:
-        return sum(t.count(u) for t in self.tensors)
-
-    def delta(self, u: dict[int, int], g: int, step: int) -> int:
-        """Exact change of the footprint when u_g changes by `step`."""
-        tensors = [self.tensors[i] for i in self.by_group[g]]
-        before = sum(t.count(u) for t in tensors)
-        u[g] += step
-        try:
-            after = sum(t.count(u) for t in tensors)
-        finally:
-            u[g] -= step
-        return after - before
-
-    # -- the polynomial (for the MIP)
-    def polynomial(self) -> Polynomial:
-        """footprint = sum_t w_t (2 prod_i A_i - prod_i s_i) with s_i = A_i - sum_g c_ig u_g, expanded."""
-        poly = Polynomial()
-        for t in self.tensors:
-            grouped = [i for i, (_, coef) in enumerate(t.axes) if coef]
-            fixed = prod(a for i, (a, _) in enumerate(t.axes) if i not in grouped)
-            poly.const += t.weight * t.full
-            if not grouped:
-                continue
-            if len(grouped) == 1:
-                (_, c1) = t.axes[grouped[0]]
-                for g, c in c1.items():  # -w fixed (a1 - c1.u): the -w full part cancels in const
-                    poly.add_lin(g, t.weight * fixed * c)
-                continue
-            k = t.weight * fixed
-            if len(grouped) > 2:
-                # sound bound: with p_i = s_i / A_i in [0, 1], prod_i p_i >= p_1 p_2 - sum_(i>2) (1 - p_i),
-                # exact whenever at most two of the axes are widened; the two most variable axes stay exact
-                poly.exact = False
-                span = lambda i: sum(c * self.sizes[g] for g, c in t.axes[i][1].items()) / max(t.axes[i][0], 1)
-                grouped.sort(key=span, reverse=True)
-                for i in grouped[2:]:
-                    a, coef = t.axes[i]
-                    k *= a
-                    for g, c in coef.items():  # + w full (1 - p_i) = w (full / A_i) c.u
-                        poly.add_lin(g, t.weight * (t.full // a) * c)
-            (a1, c1), (a2, c2) = t.axes[grouped[0]], t.axes[grouped[1]]
-            # -k (a1 - c1.u)(a2 - c2.u) = -k a1 a2 + k a1 c2.u + k a2 c1.u - k (c1.u)(c2.u)
-            # (k a1 a2 = w full, so the constant part cancels against the const added above)
-            for g, c in c2.items():
-                poly.add_lin(g, k * a1 * c)
-            for g, c in c1.items():
-                poly.add_lin(g, k * a2 * c)
-            for g, cg in c1.items():
-                for h, ch in c2.items():
-                    poly.add_quad(g, h, -k * cg * ch)
-        return poly
-
-
-def mac_weights(gm: fx.GraphModule) -> dict[str, int]:
-    """Parameter name -> output positions summed over the weight nodes that use it.
-
-    A weight node is a Linear or convolution module call, or F.linear / F.conv*d with a
-    get_attr weight. Its multiply-accumulates are (weight entries) x (output positions), the
-    positions being the output's element count divided by the weight's output-feature count
-    (spatial positions x batch for a conv, tokens x batch for a linear). Needs node.meta
-    from shape propagation."""
-    weights: dict[str, int] = {}
-    for node, name, weight in _weight_nodes(gm):
-        meta = node.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
-            raise PleasError(f"no propagated shape for weight node {node.name}; run shape propagation first")
-        positions = prod(meta.shape) // max(weight.shape[0], 1)
-        weights[name] = weights.get(name, 0) + positions
-    return weights
-
-
-def _weight_nodes(gm: fx.GraphModule):
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    functions = (F.linear, F.conv1d, F.conv2d, F.conv3d)
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, (nn.Linear, *convs)) and isinstance(getattr(mod, "weight", None), torch.Tensor):
-                yield node, f"{node.target}.weight", mod.weight
-        elif node.op == "call_function" and node.target in functions:
-            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                obj: Any = gm
-                for part in w.target.split("."):
-                    obj = getattr(obj, part)
-                if isinstance(obj, torch.Tensor):
-                    yield node, w.target, obj
-
-
-def measure_macs(gm: fx.GraphModule, example_args: tuple, structural: bool = True) -> int:
-    """Multiply-accumulates of `gm`'s weight nodes on `example_args`, counted on the module
-    itself: non-zero weight entries (structural=True) or all entries, times output positions."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_args)
-    total = 0
-    for node, _, weight in _weight_nodes(gm):
-        entries = int(torch.count_nonzero(weight)) if structural else weight.numel()
-        total += entries * (prod(node.meta["tensor_meta"].shape) // max(weight.shape[0], 1))
-    return total
 
 
 # --------------------------------------------------------------------------- uniform
@@ -394,7 +172,7 @@ def greedy_repair(footprint: Footprint, losses: dict[int, np.ndarray], u: dict[i
             if score < best_score:
                 best, best_score = g, score
         if best is None:
-            raise BudgetError("internal error: cannot reduce the footprint below the budget")
+            raise InternalError("allocate", "greedy repair", "cannot reduce the footprint below the budget")
         current -= -footprint.delta(u, best, -1)
         u[best] -= 1
         steps += 1
@@ -433,8 +211,6 @@ def check_feasible(footprint: Footprint, budget: float) -> float:
 def allocate_widths(spec: GroupSpec, footprint: Footprint, losses: dict[int, np.ndarray], budget: float,
                     width_grid: int | Sequence[float] = 8, time_limit: float = 10.0) -> tuple[dict[int, int], dict]:
     """HiGHS allocation: grid MIP, then exact greedy repair and fill. Returns (widths, info)."""
-    from passes.allocate_highs import solve_grid_mip
-
     limit = check_feasible(footprint, budget)
     t0 = time.perf_counter()
     fracs = grid_fractions(width_grid)
@@ -525,7 +301,7 @@ class WidthAllocator:
             widths, info = allocate_widths(self.spec, fp, self.losses(), budget, opts.width_grid, opts.time_limit)
         achieved = fp.count(widths)
         if achieved > budget * fp.base * (1 + 1e-12):
-            raise RuntimeError(f"internal error: allocation {achieved} exceeds budget {budget} x {fp.base}")
+            raise InternalError("allocate", f"budget {budget}", f"allocation {achieved} exceeds budget x {fp.base}")
         self.last = {
             "method": opts.allocation, "proxy": opts.proxy if opts.allocation == "highs" else None,
             "metric": opts.budget_metric, "requested_budget": budget,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from passes.allocate import Footprint
+from pleas_fx.passes.footprint import Footprint
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from math import prod
 from typing import Callable, Sequence
 
-from pleas_fx.ir import Layout, Segment, layout_numel
+from pleas_fx.core.ir import Layout, Segment, layout_numel
 
 IsFrozen = Callable[[Layout], bool]
 # size of a live within group, None if it is frozen

@@ -14,10 +14,10 @@ import torch
 import torch.fx as fx
 from scipy.optimize import linear_sum_assignment
 
-from pleas_fx.errors import PleasError
-from pleas_fx.ir import GroupPlan, GroupSpec, ParamAxis, axis_map
-from passes.statistics import Statistics
-from passes.trace import getattr_path
+from pleas_fx.core.errors import PleasError
+from pleas_fx.core.ir import GroupPlan, GroupSpec, ParamAxis, axis_map
+from pleas_fx.passes.statistics import Statistics
+from pleas_fx.core.fxutil import getattr_path
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pleas_fx.errors import PleasError
-from pleas_fx.ir import GroupPlan, GroupSpec
-from passes.matching import Matching, activation_matching, identity_matching, weight_matching, zipit_matching
-from passes.statistics import Statistics
+from pleas_fx.core.errors import PleasError
+from pleas_fx.core.ir import GroupPlan, GroupSpec, Site
+from pleas_fx.passes.matching import Matching, activation_matching, identity_matching, weight_matching, zipit_matching
+from pleas_fx.passes.statistics import Statistics
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,12 @@ def resolve_matching(method: Method, matching: str | None, has_data: bool) -> st
     return method.matching
 
 
-def needs_sites(matching: str, has_data: bool) -> bool:
-    """Whether the statistics pass must measure activation sites."""
-    return matching in ("activation", "zipit") or (matching == "identity" and has_data)
+def sites_to_measure(spec: GroupSpec, matching: str, has_data: bool) -> list[Site]:
+    """The activation sites the statistics pass measures for this matching (none for weight
+    matching, or identity matching without data)."""
+    if matching in ("activation", "zipit") or (matching == "identity" and has_data):
+        return [s for g in spec.mergeable() for s in g.sites]
+    return []
 
 
 def match(matching: str, spec: GroupSpec, stats: Statistics | None, gm_a: fx.GraphModule,

@@ -21,10 +21,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from pleas_fx.ir import LeastSquaresNode, Site
-from passes.trace import getattr_path
+from pleas_fx.core.ir import Site, WeightNode
+from pleas_fx.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class Statistics:
     cache: dict = field(default_factory=dict)  # budget-independent products, reused by every fill
 
 
-def _input_chunks(node: LeastSquaresNode, xa: torch.Tensor, xb: torch.Tensor, positions: int | None,
+def _input_chunks(node: WeightNode, xa: torch.Tensor, xb: torch.Tensor, positions: int | None,
                   gen: torch.Generator | None):
     """The weight node's inputs in A and B as its weights see them, as aligned chunks of shape
     (features, rows): rows of a Linear's input, or a convolution's im2col patches.
@@ -129,7 +128,7 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) 
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _patches_at(node: LeastSquaresNode, x: torch.Tensor, idx: torch.Tensor, out_w: int) -> torch.Tensor:
+def _patches_at(node: WeightNode, x: torch.Tensor, idx: torch.Tensor, out_w: int) -> torch.Tensor:
     """im2col columns at the output positions ``idx`` only: (n, C*kh*kw, len(idx)), ordered as
     F.unfold orders them, gathered without unfolding the whole map."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = node.kernel, node.stride, node.padding, node.dilation
@@ -180,29 +179,83 @@ def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis:
     acc.count += a.shape[1]
 
 
-def _execute(gm: fx.GraphModule, node: fx.Node, env: dict[str, Any]) -> Any:
-    args = fx.node.map_arg(node.args, lambda n: env[n.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-    if node.op == "get_attr":
-        return getattr_path(gm, node.target)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    raise RuntimeError(f"cannot execute node {node.name} ({node.op})")
+class _Lockstep(fx.Interpreter):
+    """Runs model A's graph on one batch while running model B's graph node by node beside it
+    (the same architecture), and feeds the probes: before a least-squares node, its input in
+    both models; after a site's node, its output in both. B's values are freed after their
+    last use, as fx.Interpreter frees A's."""
+
+    def __init__(self, gm_a: fx.GraphModule, gm_b: fx.GraphModule, collector: "_Collector"):
+        super().__init__(gm_a)
+        self.partner = fx.Interpreter(gm_b)
+        self.partner_nodes = {na: nb for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}
+        self.collector = collector
+
+    def run(self, *args):
+        self.partner.env = {}
+        self.partner.args_iter = iter(args)
+        return super().run(*args)
+
+    def run_node(self, n: fx.Node):
+        nb = self.partner_nodes[n]
+        probe = self.collector.weights.get(n.name)
+        if probe is not None:
+            x = n.args[0]
+            self.collector.weight_inputs(probe, self.env[x], self.partner.env[self.partner_nodes[x]])
+        out = super().run_node(n)
+        if n.op != "output":
+            self.partner.env[nb] = self.partner.run_node(nb)
+            for site in self.collector.sites.get(n.name, ()):
+                self.collector.site_values(site, out, self.partner.env[nb])
+            for dead in self.partner.user_to_last_uses.get(nb, ()):
+                del self.partner.env[dead]
+        return out
+
+
+class _Collector:
+    """The probes of one statistics pass and their running sums."""
+
+    def __init__(self, weights: list[WeightNode], sites: list[Site], dtype, positions, gen, device, full_sites):
+        self.weights = {w.node: w for w in weights}
+        self.sites: dict[str, list[Site]] = {}
+        for site in sites:
+            self.sites.setdefault(site.node, []).append(site)
+        self.dtype, self.positions, self.gen, self.device, self.full_sites = dtype, positions, gen, device, full_sites
+        self.stats = Statistics()
+
+    def weight_inputs(self, probe: WeightNode, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        chunks = _input_chunks(probe, xa, xb, self.positions, self.gen)
+        first = next(chunks)
+        acc = self.stats.least_squares.get(probe.node)
+        if acc is None:
+            acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(
+                first[0].shape[0], first[1].shape[0], self.dtype, self.device)
+        _accumulate_gram(acc, itertools.chain([first], chunks), self.dtype)
+
+    def site_values(self, site: Site, za: torch.Tensor, zb: torch.Tensor) -> None:
+        axis = site.axis
+        if site.within_axis is not None:  # units x within entries, as one axis
+            za, zb = (z.movedim((site.axis, site.within_axis), (-2, -1)).flatten(-2) for z in (za, zb))
+            axis = -1
+        acc = self.stats.sites.get(site.key)
+        if acc is None:
+            d = za.shape[axis]
+            zeros = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)
+            acc = self.stats.sites[site.key] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
+            if self.full_sites:
+                acc.aa, acc.bb, acc.sum_a, acc.sum_b = zeros(d, d), zeros(d, d), zeros(d), zeros(d)
+        _accumulate_site(acc, za, zb, axis, self.dtype)
 
 
 def collect_statistics(
     gm_a: fx.GraphModule,
     gm_b: fx.GraphModule,
     batches: Iterable[tuple],
-    ls_nodes: list[LeastSquaresNode],
+    weights: list[WeightNode],
     sites: list[Site],
     *,
     dtype: torch.dtype = torch.float64,
-    progress: bool = True,
+    progress: bool | None = None,
     total: int | None = None,
     positions: int | None = None,
     seed: int = 0,
@@ -210,71 +263,19 @@ def collect_statistics(
 ) -> Statistics:
     """Run every batch through both models once and accumulate the probes' moments.
 
+    ``weights``: the solved weight nodes (second moments of their stacked inputs).
     ``positions``: for convolutions, use at most this many randomly drawn output positions
-    per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all). The cost of those moments
-    grows with positions x (2 x input patch size)^2, which dominates on large feature maps.
+    per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all).
     ``full_sites``: also accumulate each site's within-model moments and sums (ZipIt! matching).
+    ``progress``: a tqdm bar (None: only when stderr is a terminal).
     """
-    gen = torch.Generator().manual_seed(seed)
-    stats = Statistics()
-    nodes_a, nodes_b = list(gm_a.graph.nodes), list(gm_b.graph.nodes)
-    ls_by_node = {n.node: n for n in ls_nodes}
-    sites_by_node: dict[str, list[Site]] = {}
-    for site in sites:
-        sites_by_node.setdefault(site.node, []).append(site)
-    last_use: dict[str, int] = {}
-    for i, node in enumerate(nodes_a):
-        for inp in node.all_input_nodes:
-            last_use[inp.name] = i
     device = next((p.device for p in gm_a.parameters()), torch.device("cpu"))
-
+    collector = _Collector(weights, sites, dtype, positions, torch.Generator().manual_seed(seed), device, full_sites)
+    lockstep = _Lockstep(gm_a, gm_b, collector)
+    stats = collector.stats
     with torch.no_grad():
-        for args in tqdm(batches, total=total, disable=not progress, desc="pleas_fx statistics", unit="batch"):
-            env_a: dict[str, Any] = {}
-            env_b: dict[str, Any] = {}
-            placeholder = 0
-            for i, (na, nb) in enumerate(zip(nodes_a, nodes_b)):
-                if na.op == "placeholder":
-                    if placeholder < len(args):
-                        env_a[na.name] = env_b[nb.name] = args[placeholder]
-                    elif na.args:  # an optional argument the batches leave out: its default
-                        env_a[na.name] = env_b[nb.name] = na.args[0]
-                    else:
-                        raise ValueError(f"the batches give {len(args)} inputs; the model needs {na.name!r} too")
-                    placeholder += 1
-                    continue
-                if na.op == "output":
-                    break
-                probe = ls_by_node.get(na.name)
-                if probe is not None:
-                    chunks = _input_chunks(probe, env_a[na.args[0].name], env_b[nb.args[0].name],
-                                           positions, gen)
-                    first = next(chunks)
-                    acc = stats.least_squares.get(na.name)
-                    if acc is None:
-                        acc = stats.least_squares[na.name] = SecondMoments.zeros(
-                            first[0].shape[0], first[1].shape[0], dtype, device)
-                    _accumulate_gram(acc, itertools.chain([first], chunks), dtype)
-                env_a[na.name] = _execute(gm_a, na, env_a)
-                env_b[nb.name] = _execute(gm_b, nb, env_b)
-                for site in sites_by_node.get(na.name, ()):
-                    za, zb = env_a[na.name], env_b[nb.name]
-                    axis = site.axis
-                    if site.within_axis is not None:  # units x within entries, as one axis
-                        za, zb = (z.movedim((site.axis, site.within_axis), (-2, -1)).flatten(-2) for z in (za, zb))
-                        axis = -1
-                    acc_s = stats.sites.get(site.key)
-                    if acc_s is None:
-                        d = za.shape[axis]
-                        zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)
-                        acc_s = stats.sites[site.key] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
-                        if full_sites:
-                            acc_s.aa, acc_s.bb, acc_s.sum_a, acc_s.sum_b = zeros(d, d), zeros(d, d), zeros(d), zeros(d)
-                    _accumulate_site(acc_s, za, zb, axis, dtype)
-                for inp in na.all_input_nodes:
-                    if last_use.get(inp.name) == i:
-                        env_a.pop(inp.name, None)
-                        env_b.pop(inp.name, None)
+        for args in progress_bar(batches, progress, total=total, desc="pleas_fx statistics", unit="batch"):
+            lockstep.run(*args)
             stats.batches += 1
             stats.samples += int(args[0].shape[0]) if torch.is_tensor(args[0]) else 0
     log.info("statistics: %d batches, %d samples, %d least-squares probes, %d matching sites",

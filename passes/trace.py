@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import ShapeProp
 
-from pleas_fx.data import REQUIRED, as_args
-from pleas_fx.errors import ArchitectureMismatchError, TraceError, WeightError
-from passes.lower import lower_multihead_attention, split_fused_qkv
+from pleas_fx.core.errors import ArchitectureMismatchError, TraceError, WeightError
+from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.inputs import REQUIRED, as_args
+from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
 
 
 @dataclass
@@ -60,13 +61,6 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> Any:
         value = getattr_path(gm, node.target)
         return (node.op, node.target, tuple(value.shape) if torch.is_tensor(value) else type(value))
     return (node.op, node.target)
-
-
-def getattr_path(root: torch.nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def check_same_architecture(gm_a: fx.GraphModule, gm_b: fx.GraphModule) -> None:
@@ -144,17 +138,3 @@ def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     gm_b.to(device)
     propagate_shapes(gm_a, example_args)
     return TracedPair(gm_a, gm_b, example_args)
-
-
-def node_shape(node: fx.Node) -> Any:
-    """torch.Size of a node's tensor output, a list of those for tuple outputs, else None."""
-    meta = node.meta.get("tensor_meta")
-
-    def convert(m):
-        if isinstance(m, TensorMetadata):
-            return m.shape
-        if isinstance(m, (list, tuple)):
-            return [convert(x) for x in m]
-        return None
-
-    return convert(meta)

@@ -1,5 +1,6 @@
-"""Verification helpers: apply permutations allowed by a GroupSpec, count footprints, and
-check a merged model's outputs. Used by merge() and by the tests and tools."""
+"""Verification: check a merged model against the footprint model, the budget and the example
+input (any failure is pleas_fx's own: an InternalError naming the pass and node); apply
+permutations allowed by a GroupSpec; count parameters. Used by merge(), the tests and tools."""
 from __future__ import annotations
 
 import copy
@@ -7,9 +8,11 @@ import copy
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
-from pleas_fx.ir import GroupPlan, GroupSpec, axis_map
-from passes.trace import getattr_path
+from pleas_fx.core.errors import InternalError
+from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.ir import GroupPlan, GroupSpec, axis_map
 
 
 def random_permutations(spec: GroupSpec, seed: int = 0) -> dict[int, np.ndarray]:
@@ -91,3 +94,46 @@ def structural_parameters(spec: GroupSpec, plans: dict[int, GroupPlan], names: l
             on_both *= int((has_a & has_b).sum())
         total += on_a + on_b - on_both
     return total
+
+
+class _CheckedShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to name it when a run fails."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        return super().run_node(n)
+
+
+def check_graph(merged: fx.GraphModule, example_args: tuple, pass_name: str = "widen") -> None:
+    """Shape-propagate the merged graph on the example input; a failure is pleas_fx's own."""
+    prop = _CheckedShapeProp(merged)
+    try:
+        with torch.no_grad():
+            prop.propagate(*example_args)
+    except Exception as exc:
+        node = prop.current
+        where = f"node {node.name} ({node.format_node()})" if node is not None else "the merged graph"
+        raise InternalError(pass_name, where, f"the merged graph does not run on example_input: "
+                                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def verify_merged(merged: fx.GraphModule, example_args: tuple, footprint, spec: GroupSpec,
+                  plans: dict[int, GroupPlan], widths: dict[int, int], budget: float) -> int:
+    """Check the merged model against the footprint model, the budget and the example input;
+    returns its parameter count (entries not structurally zero)."""
+    counted = structural_parameters(spec, plans, footprint.parameter_names)
+    predicted = footprint.count(widths)
+    pairwise = all(p.pairwise for p in plans.values())
+    if counted > predicted or (pairwise and counted != predicted):
+        raise InternalError("verify", "the merged parameters",
+                            f"the merged model has {counted} parameters, the footprint model says {predicted}")
+    if counted > budget * footprint.base + 1e-6:
+        raise InternalError("verify", "the merged parameters",
+                            f"{counted} parameters exceed budget {budget} x {footprint.base}")
+    for name, t in merged.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InternalError("fill", name, "the merged tensor is not finite")
+    check_graph(merged, example_args)
+    return counted

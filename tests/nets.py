@@ -95,9 +95,9 @@ def batches(shape: tuple[int, ...], n: int, seed: int, batch_size: int = 4) -> l
 
 def permuted_copy(model: nn.Module, example: torch.Tensor, seed: int):
     """(traced A, its spec, a traced copy with every group randomly permuted)."""
-    from passes.infer_groups import infer_groups
-    from passes.trace import propagate_shapes, trace_model
-    from passes.verify import permute_model, random_permutations
+    from pleas_fx.passes.infer_groups import infer_groups
+    from pleas_fx.passes.trace import propagate_shapes, trace_model
+    from pleas_fx.passes.verify import permute_model, random_permutations
 
     gm = trace_model(model, "model")
     propagate_shapes(gm, (example,))

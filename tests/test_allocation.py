@@ -14,14 +14,13 @@ from hypothesis import strategies as st
 
 import pleas_fx
 from pleas_fx.errors import BudgetError, PleasError
-from pleas_fx.ir import Group, GroupPlan, GroupSpec, Segment
-from passes.allocate import (
-    Footprint, allocate_widths, cost_losses, greedy_fill, grid_fractions, measure_macs, uniform_widths,
-)
-from passes.allocate_highs import grid_levels, solve_grid_mip
-from passes.infer_groups import infer_groups
-from passes.trace import propagate_shapes, trace_model
-from passes.verify import structural_parameters
+from pleas_fx.core.ir import Group, GroupPlan, GroupSpec, Segment
+from pleas_fx.passes.allocate import allocate_widths, cost_losses, greedy_fill, grid_fractions, uniform_widths
+from pleas_fx.passes.footprint import Footprint, measure_macs
+from pleas_fx.passes.allocate_highs import grid_levels, solve_grid_mip
+from pleas_fx.passes.infer_groups import infer_groups
+from pleas_fx.passes.trace import propagate_shapes, trace_model
+from pleas_fx.passes.verify import structural_parameters
 
 torch.set_num_threads(1)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

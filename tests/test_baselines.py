@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 import nets
 import pleas_fx
 from pleas_fx.errors import DataError, PleasError
-from pleas_fx.ir import GroupPlan, Segment, axis_map
-from pleas_fx.procedural import procedural_batches
-from passes.infer_groups import infer_groups
-from passes.matching import activation_matching, weight_matching, zipit_matching
-from passes.statistics import collect_statistics
-from passes.trace import propagate_shapes, trace_model
-from passes.verify import permute_model, relative_error
+from pleas_fx.core.ir import GroupPlan, Segment, axis_map
+from pleas_fx.core.procedural import procedural_batches
+from pleas_fx.passes.infer_groups import infer_groups
+from pleas_fx.passes.matching import activation_matching, weight_matching, zipit_matching
+from pleas_fx.passes.statistics import collect_statistics
+from pleas_fx.passes.trace import propagate_shapes, trace_model
+from pleas_fx.passes.verify import permute_model, relative_error
 
 seeds = st.integers(0, 10_000)
 

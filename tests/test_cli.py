@@ -15,7 +15,7 @@ import torch
 
 import pleas_fx
 import pleas_fx.io
-from pleas_fx import cli
+from pleas_fx.apps import cli
 
 torch.set_num_threads(1)
 REPO = Path(pleas_fx.__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_end_to_end_command(files, tmp_path):
                        "--eval", files / "labelled.pt", a="a.pt", b="b.safetensors", data="images")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(files)]), "OMP_NUM_THREADS": "1"}
     script = Path(sys.executable).parent / "pleas-fx"  # the console script, when the package is installed
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "pleas_fx.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "pleas_fx"]
     res = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "budget_1.5" in res.stdout and "report.json" in res.stdout
@@ -127,7 +127,7 @@ def test_end_to_end_command(files, tmp_path):
     assert acc["model_a"] > 60 and acc["model_b"] > 60  # the trained models learned the task
 
     # every saved model loads; budget 2 is the ensemble
-    from pleas_fx.checkpoints import build_model, load_checkpoint
+    from pleas_fx.apps.checkpoints import build_model, load_checkpoint
 
     xy = torch.load(files / "labelled.pt")
     ma = load_checkpoint(build_model(f"{NETS}:make"), files / "a.pt")
@@ -274,20 +274,20 @@ def test_failure_after_merge_leaves_nothing(files, tmp_path, capsys, monkeypatch
 
 def test_inspect_is_dispatched(monkeypatch):
     seen = {}
-    fake = types.ModuleType("pleas_fx.inspect")
+    fake = types.ModuleType("pleas_fx.apps.inspect_command")
 
     def fake_main(argv, prog="x"):
         seen["argv"], seen["prog"] = list(argv), prog
         return 3
 
     fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "pleas_fx.inspect", fake)
+    monkeypatch.setitem(sys.modules, "pleas_fx.apps.inspect_command", fake)
     assert cli.main(["inspect", "resnet18", "--input-shape", "1,3,8,8"]) == 3
     assert seen == {"argv": ["resnet18", "--input-shape", "1,3,8,8"], "prog": "pleas-fx inspect"}
 
 
 def test_model_names_resolve(files):
-    from pleas_fx.checkpoints import ModelError, build_model
+    from pleas_fx.apps.checkpoints import ModelError, build_model
 
     assert type(build_model("resnet18", {"num_classes": 3})).__module__.startswith("torchvision")
     assert build_model(f"{NETS}:make", {"num_classes": 7})[-1].out_features == 7

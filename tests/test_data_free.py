@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import nets
 import pleas_fx
-from passes.verify import relative_error
+from pleas_fx.passes.verify import relative_error
 
 CNN = {"kind": "cnn", "in_channels": 3, "size": 8, "head": "flatten", "classes": 4, "hidden": 6, "blocks": [
     ("conv", {"cout": 6, "k": 3, "stride": 1, "bn": True, "act": "relu"}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from pleas_fx import cli, demo
+from pleas_fx.apps import cli, demo
 
 
 def test_demo_runs_and_its_files_feed_the_command(capsys, tmp_path):
@@ -28,7 +28,7 @@ def test_demo_runs_and_its_files_feed_the_command(capsys, tmp_path):
     assert sorted(p.name for p in files.iterdir()) == ["calibration.pt", "model_a.pt", "model_b.pt", "test.pt"]
 
     merged = tmp_path / "merged"
-    code = cli.main(["merge", "pleas_fx.demo:DigitResNet", "--model-kwargs", '{"width": 8}',
+    code = cli.main(["merge", "pleas_fx.apps.demo:DigitResNet", "--model-kwargs", '{"width": 8}',
                      "--a", str(files / "model_a.pt"), "--b", str(files / "model_b.pt"),
                      "--data", str(files / "calibration.pt"), "--batch-size", "100", "--batches", "2",
                      "--budget", "1", "--budget", "2", "--eval", str(files / "test.pt"), "--out", str(merged),

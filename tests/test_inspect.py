@@ -12,7 +12,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pleas_fx.inspect import GroupReport, describe_groups, main  # noqa: E402
+from pleas_fx.apps.inspect_command import main  # noqa: E402
+from pleas_fx.inspection import GroupReport, describe_groups  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -237,15 +238,16 @@ def test_cli_bad_input_is_one_line_error(capsys, argv, needle):
 
 
 def test_check_detects_an_unsound_group():
-    from pleas_fx.inspect import check_groups, trace_and_infer
-    from pleas_fx.ir import Group, Segment
+    from pleas_fx.inspection import check_groups, trace_and_infer
+    from pleas_fx.core.freeze import FreezeReason
+    from pleas_fx.core.ir import Group, Segment
 
     x = torch.randn(1, 3, 8, 8)
     gm, spec = trace_and_infer(residual_net(), x)
     assert check_groups(gm, spec, x).passed
     # forget that conv1's output channels belong to the branch group: permuting that group
     # now reorders conv2's inputs only, which must show as a large deviation
-    spec.groups[-1] = Group(-1, 4, frozen=True, reasons=["test"])
+    spec.groups[-1] = Group(-1, 4, frozen=True, reasons=[FreezeReason("other", "test")])
     spec.param_layouts["conv1.weight"][0] = (Segment(-1, 4),)
     result = check_groups(gm, spec, x)
     assert not result.passed and result.max_deviation > 1e-3

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pleas_fx
-from passes.statistics import SecondMoments, _accumulate_gram, _input_chunks, _patches_at
-from passes.verify import relative_error
+from pleas_fx.passes.statistics import SecondMoments, _accumulate_gram, _input_chunks, _patches_at
+from pleas_fx.passes.verify import relative_error
 from tests import nets
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def trained_pair(epochs: int, width: int, cache: str | None):
-    from pleas_fx import demo
+    from pleas_fx.apps import demo
 
     if cache and os.path.exists(cache):
         state = torch.load(cache)
@@ -42,7 +42,7 @@ def trained_pair(epochs: int, width: int, cache: str | None):
 
 def accuracy_table(args) -> str:
     import pleas_fx
-    from pleas_fx import demo
+    from pleas_fx.apps import demo
 
     model_a, model_b, data = trained_pair(args.epochs, args.width, args.cache)
     x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
@@ -89,9 +89,10 @@ def accuracy_table(args) -> str:
 def resnet50_timing(args) -> str:
     import torchvision
 
-    from passes.allocate import Footprint, allocate_widths, cost_losses
-    from passes.infer_groups import infer_groups
-    from passes.trace import propagate_shapes, trace_model
+    from pleas_fx.passes.allocate import allocate_widths, cost_losses
+    from pleas_fx.passes.footprint import Footprint
+    from pleas_fx.passes.infer_groups import infer_groups
+    from pleas_fx.passes.trace import propagate_shapes, trace_model
 
     torch.manual_seed(0)
     gm = trace_model(torchvision.models.resnet50(weights=None), "resnet50")

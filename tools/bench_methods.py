@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pleas_fx  # noqa: E402
-from pleas_fx.demo import DigitResNet, load_digits_split, recalibrate_bn, train_model  # noqa: E402
+from pleas_fx.apps.demo import DigitResNet, load_digits_split, recalibrate_bn, train_model  # noqa: E402
 
 BUDGETS = (1.0, 1.2, 1.5, 1.8, 2.0)
 METHODS = ("pleas", "pleas_repair", "pleas_free", "average", "rebasin_weight", "permute", "zipit", "regmean")

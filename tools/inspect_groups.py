@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pleas_fx.inspect import main  # noqa: E402
+from pleas_fx.apps.inspect_command import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(prog="inspect_groups"))

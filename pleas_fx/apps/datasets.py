@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pleas_fx.errors import DataError
+from pleas_fx.core.errors import DataError
 
 log = logging.getLogger("pleas_fx")
 

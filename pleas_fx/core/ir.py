@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from pleas_fx.core.freeze import FreezeReason
+
 
 # --------------------------------------------------------------------------- layouts
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Group:
     id: int
     size: int
     frozen: bool = False
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[FreezeReason] = field(default_factory=list)
     params: list[ParamAxis] = field(default_factory=list)
     sites: list[Site] = field(default_factory=list)
     parent: int | None = None  # a within group: the group whose units it permutes inside
@@ -106,7 +108,7 @@ class GroupSpec:
     param_layouts: dict[str, list[Layout]]
     param_roles: dict[str, list[str]]
     node_layouts: dict[str, Any]
-    frozen_reasons: list[tuple[str, str]]  # (where, why), in graph order
+    frozen_reasons: list[FreezeReason]  # limitations (not structural axes), in graph order
 
     def mergeable(self) -> list[Group]:
         """Groups whose width a merge chooses (within groups never change a width)."""
@@ -317,20 +319,50 @@ def merged_axis_size(layout: Layout, widths: dict[int, int], frozen: set[int]) -
     )
 
 
-# --------------------------------------------------------------------------- fill plans
+# --------------------------------------------------------------------------- weight nodes
 @dataclass(frozen=True)
-class LeastSquaresNode:
-    """A weight node filled by least squares (Linear, or a groups=1 convolution) and the
-    eval-mode BatchNorm folded into its target, if one directly follows it."""
+class NormNode:
+    """A per-channel affine normalisation with running statistics (an eval-mode BatchNorm,
+    as a module or as F.batch_norm): y = (x - mean) / sqrt(var + eps) * weight + bias.
+    Tensors are qualified names in the model; `weight`/`bias` None when it has no affine."""
 
-    node: str  # fx node name
-    module: str  # module target
-    kind: str  # "linear" | "conv"
+    node: str
+    running_mean: str
+    running_var: str
+    weight: str | None
+    bias: str | None
+    eps: float
+
+    @property
+    def affine(self) -> bool:
+        return self.weight is not None and self.bias is not None
+
+
+@dataclass(frozen=True)
+class WeightNode:
+    """A node that applies a weight tensor to its input activation (`node.args[0]`), and how
+    the fill pass writes it.
+
+    kind "linear" (the last input axis contracted) or "conv" (groups=1 convolution, 1-D
+    convolutions as height-1 2-D ones): solved by least squares from the stacked-input second
+    moments. "depthwise": a per-channel kernel, mapped through the plans. "mapped": any other
+    weight, mapped through the plans; `note` says why it is not solved. `norm`: the eval-mode
+    normalisation directly after it, folded into the least-squares target."""
+
+    node: str
+    weight: str
+    bias: str | None
+    kind: str
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
-    norm: str | None = None  # module target of the folded BatchNorm
+    note: str | None = None
+    norm: NormNode | None = None
+
+    @property
+    def solved(self) -> bool:
+        return self.kind in ("linear", "conv")
 
     @property
     def taps(self) -> int:

@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from pleas_fx.errors import DataError
+from pleas_fx.core.errors import DataError
 
 
 REQUIRED = object()  # a model input without a default

@@ -57,7 +57,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pleas_fx.errors import PleasError, WeightError
+from pleas_fx.core.errors import PleasError, WeightError
 
 log = logging.getLogger("pleas_fx")
 

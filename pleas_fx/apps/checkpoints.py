@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from pleas_fx.errors import PleasError
+from pleas_fx.core.errors import PleasError
 
 log = logging.getLogger("pleas_fx")
 

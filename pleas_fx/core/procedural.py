@@ -68,7 +68,7 @@ def procedural_image(channels: int, shape: tuple[int, ...], gen: torch.Generator
 def procedural_batches(example_args: tuple, batches: int, batch_size: int = 32, seed: int = 0,
                        vocab: dict[int, int] | None = None) -> list[tuple]:
     """`batches` batches of procedural inputs shaped like `example_args` (see the module doc)."""
-    from pleas_fx.data import batches_like
+    from pleas_fx.core.inputs import batches_like
 
     def floating(shape: tuple, gen: torch.Generator) -> torch.Tensor:
         n = shape[0]

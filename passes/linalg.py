@@ -1,0 +1,234 @@
+"""The linear algebra of the fill pass, free of torch.fx: mapping tensors through a merge
+(W = M_out blkdiag(W_A, W_B) U_in) and the per-layer least-squares solves.
+
+A layer's solve reads only the second moments S = E[s s^T] of its stacked input
+s = [x_A; x_B; 1] (float64), the two source layers (with any folded normalisation), and the
+axis maps of its input and output. Merged input entries are ordered [shared | A-only |
+B-only] (then the constant), so the structurally zero blocks (A-only outputs reading B-only
+inputs and the reverse) are never written.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pleas_fx.core.ir import AxisMap
+
+SOLVES = ("least_squares", "regmean", "mapped")
+
+
+# --------------------------------------------------------------------------- mapping through M
+def _index(t: torch.Tensor, axis: int, idx: np.ndarray) -> torch.Tensor:
+    return t.index_select(axis, torch.as_tensor(np.maximum(idx, 0), device=t.device))
+
+
+def _along(w: np.ndarray, axis: int, ndim: int, like: torch.Tensor) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return torch.as_tensor(w, dtype=like.dtype, device=like.device).reshape(shape)
+
+
+def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: list[str]) -> torch.Tensor:
+    """Merge two tensors axis by axis: M (average merged features) on the first feature axis,
+    U (copy) on every other non-frozen axis; all-frozen tensors are averaged. This is the
+    mapped weight W = M_out blkdiag(W_A, W_B) U_in, axis by axis; a ZipIt!-style map (two
+    sources of one model in a merged feature) sums that side's terms."""
+    ta, tb = ta.double(), tb.double()
+    primary = next((i for i, (m, r) in enumerate(zip(maps, roles)) if r == "out" and not m.frozen), None)
+    if primary is None:
+        primary = next((i for i, r in enumerate(roles) if r == "out"), None)
+    out = None
+    for side, t in ((0, ta), (1, tb)):
+        for axis, m in enumerate(maps):
+            terms = m.terms(side)
+            if axis != primary and m.frozen:
+                t = _index(t, axis, terms[0][0])
+                continue
+            parts = [_index(t, axis, idx) * _along(w_m if axis == primary else w_u, axis, t.dim(), t)
+                     for idx, w_m, w_u in terms]
+            t = parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
+        if primary is None:
+            t = 0.5 * t
+        out = t if out is None else out + t
+    return out
+
+
+def stacked_merge_matrix(in_map: AxisMap, din: int, order: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """M_in as a sparse CSR matrix from the stacked input [A entries; B entries; 1] (2*din + 1)
+    to the merged entries listed in `order` (index in_map.size stands for the constant)."""
+    w_a, w_b = in_map.weights()
+    n_in = in_map.size
+    is_const = order == n_in
+    e = np.where(is_const, 0, order)
+    rows = np.arange(len(order))
+    use_a = ~is_const & (in_map.idx_a[e] >= 0)
+    use_b = ~is_const & (in_map.idx_b[e] >= 0)
+    r = np.concatenate([rows[use_a], rows[use_b], rows[is_const]])
+    c = np.concatenate([in_map.idx_a[e][use_a], din + in_map.idx_b[e][use_b], np.full(is_const.sum(), 2 * din)])
+    v = np.concatenate([w_a[e][use_a], w_b[e][use_b], np.ones(is_const.sum())])
+    coo = torch.sparse_coo_tensor(torch.as_tensor(np.stack([r, c])), torch.as_tensor(v, dtype=like.dtype),
+                                  (len(order), 2 * din + 1), check_invariants=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return coo.coalesce().to_sparse_csr().to(like.device)
+
+
+# --------------------------------------------------------------------------- least squares
+@dataclass
+class LayerSolution:
+    """A merged layer x~ -> weight x~ + bias (bias None without a constant input), and the
+    predicted mean and variance of its outputs over the calibration inputs."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mean: torch.Tensor
+    var: torch.Tensor
+    fallback: bool = False  # the solve was ill-conditioned: the mapped weights were used
+
+
+def source_targets(S: torch.Tensor, wa, ba, wb, bb) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[y_s s^T] for each source layer s (rows: that layer's outputs), from S = E[s s^T]."""
+    din = wa.shape[1]
+    ya = torch.addr(wa @ S[:din], ba, S[2 * din])
+    yb = torch.addr(wb @ S[din:2 * din], bb, S[2 * din])
+    return ya, yb
+
+
+def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tensor | None, float]:
+    """Cholesky factor of G + lam*diag(reg), lam scale-aware (ridge x the mean input second
+    moment), raised tenfold until the factorisation succeeds; (None, lam) if it never does."""
+    diag = torch.diagonal(G)[reg > 0]
+    scale = float(diag.mean()) if diag.numel() else 1.0
+    lam = ridge * max(scale, 1e-12)
+    for _ in range(8):
+        A = G.clone()
+        A.diagonal().add_(lam * reg)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return L, lam
+        lam *= 10.0
+    return None, lam
+
+
+def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sources, in_map: AxisMap,
+                out_map: AxisMap, has_bias: bool, ridge: float, method: str = "least_squares") -> LayerSolution:
+    """The merged layer W = argmin E||W M_in s - M_out [y_A; y_B]||^2 + lam ||W - W0||^2
+    (method "least_squares"), or RegMean's objective ("regmean"), with A-only rows reading only
+    [shared | A-only] inputs and B-only rows only [shared | B-only]. `sources` = (wa, ba, wb, bb),
+    (out, in) matrices and bias vectors in float64; `targets` = source_targets(S, *sources).
+    W0 = M_out blkdiag(W_A, W_B) U_in, the permute-and-average weight, is the ridge's anchor and
+    the fallback where the factorisation fails."""
+    wa, ba, wb, bb = sources
+    ya, yb = targets
+    din = wa.shape[1]
+    n_in = in_map.size
+    in_a = np.append(in_map.idx_a >= 0, True)[: n_in + has_bias]
+    in_b = np.append(in_map.idx_b >= 0, True)[: n_in + has_bias]
+    blocks = [np.flatnonzero(in_a & in_b), np.flatnonzero(in_a & ~in_b), np.flatnonzero(~in_a & in_b)]
+    order = np.concatenate(blocks)
+    n_s, n_a = len(blocks[0]), len(blocks[1])
+    M = stacked_merge_matrix(in_map, din, order, S)
+    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the merged inputs
+    maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
+    W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
+    order_t = torch.as_tensor(order, device=W0.device)
+    W0 = W0.index_select(1, order_t)
+    reg = torch.ones(len(order), dtype=G.dtype, device=G.device)
+    reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
+    if method == "regmean":
+        W_ord, ok = solve_regmean(S, ya, yb, in_map, out_map, order, din, W0, reg, n_s, n_a, ridge)
+    else:
+        R0 = zip_tensors(ya, yb, [out_map], ["out"])  # (m_out, D): target rows mapped through M_out
+        R = (M @ R0.T.contiguous()).T  # E[target x~^T]
+        W_ord, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
+    W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
+    W[:, order_t] = W_ord
+    mean = W_ord @ G[:, int(torch.nonzero(order_t == n_in)[0])] if has_bias else torch.zeros(W.shape[0], dtype=W.dtype,
+                                                                                             device=W.device)
+    var = ((W_ord @ G) * W_ord).sum(1) - mean**2
+    return LayerSolution(W[:, :n_in], W[:, n_in] if has_bias else None, mean, var, fallback=not ok)
+
+
+def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge: float):
+    """Ridge least squares W (G + lam) = R + lam W0 with columns ordered [shared | A-only |
+    B-only], solved per row block so that A-only outputs read only inputs A has and B-only
+    outputs only inputs B has: the cross blocks stay exactly zero. One Cholesky factor L
+    serves all three blocks: its leading block factors [shared | A-only], and
+    [shared | B-only] needs only the Schur complement of the B-only block. Returns (W, ok);
+    W0 where the factorisation fails."""
+    L, lam = factor(G, reg, ridge)
+    if L is None:
+        return W0, False
+    rhs = R + lam * W0 * reg[None, :]
+    out_a, out_b = out_map.idx_a >= 0, out_map.idx_b >= 0
+    W = torch.zeros_like(W0)
+    both, only_a, only_b = (np.flatnonzero(m) for m in (out_a & out_b, out_a & ~out_b, ~out_a & out_b))
+    if len(both):
+        r = torch.as_tensor(both, device=W.device)
+        W[r] = torch.cholesky_solve(rhs[r].T, L).T
+    if len(only_a):
+        r, k = torch.as_tensor(only_a, device=W.device), n_s + n_a
+        W[r, :k] = torch.cholesky_solve(rhs[r, :k].T, L[:k, :k]).T
+    if len(only_b):
+        r = torch.as_tensor(only_b, device=W.device)
+        keep = torch.cat([torch.arange(n_s), torch.arange(n_s + n_a, G.shape[0])]).to(W.device)
+        l_bs = L[n_s + n_a:, :n_s]
+        schur = G[n_s + n_a:, n_s + n_a:].clone()
+        schur.diagonal().add_(lam * reg[n_s + n_a:])
+        l_bb = torch.linalg.cholesky(schur - l_bs @ l_bs.T)
+        top = torch.cat([L[:n_s, :n_s], torch.zeros(n_s, l_bb.shape[0], dtype=L.dtype, device=L.device)], 1)
+        l_b = torch.cat([top, torch.cat([l_bs, l_bb], 1)], 0)
+        W[r[:, None], keep[None, :]] = torch.cholesky_solve(rhs[r][:, keep].T, l_b).T
+    return W, True
+
+
+def solve_regmean(S, ya, yb, in_map: AxisMap, out_map: AxisMap, order: np.ndarray, din: int,
+                  W0, reg, n_s: int, n_a: int, ridge: float):
+    """RegMean (Jin et al., ICLR 2023) on the merged axes: W = argmin sum_s E||W x~_s - y_s||^2
+    (+ ridge towards W0) over the rows that model s feeds, where x~_s is the merged input as
+    model s sees it: its own feature at every entry it feeds, the other model's feature at an
+    entry only the other model feeds. At identity plans and budget 1 this is RegMean's
+    W = (W_A G_A + W_B G_B)(G_A + G_B)^-1 with G_s = E[x_s x_s^T] (bias-augmented); at budget 2
+    it returns the ensemble. Rows of a feature kept for one model read only that model's
+    inputs, with that model's objective alone. Returns (W, ok)."""
+    n_in = in_map.size
+    const = order == n_in
+    e = np.where(const, 0, order)
+    ia, ib = in_map.idx_a[e], in_map.idx_b[e]
+    own_a = np.where(ia >= 0, ia, din + ib)
+    own_b = np.where(ib >= 0, din + ib, ia)
+    sel = [torch.as_tensor(np.where(const, 2 * din, own), device=S.device) for own in (own_a, own_b)]
+    grams = [S[s][:, s] for s in sel]  # E[x~_s x~_s^T]
+    rhs_src = [y[:, s] for y, s in zip((ya, yb), sel)]  # E[y_s x~_s^T]
+    W = torch.zeros_like(W0)
+    ok = True
+    has_a, has_b = out_map.idx_a >= 0, out_map.idx_b >= 0
+    for rows, cols, gram, parts in (
+        (has_a & has_b, np.arange(len(order)), grams[0] + grams[1], ((0, out_map.idx_a), (1, out_map.idx_b))),
+        (has_a & ~has_b, np.arange(n_s + n_a), grams[0], ((0, out_map.idx_a),)),
+        (~has_a & has_b, np.concatenate([np.arange(n_s), np.arange(n_s + n_a, len(order))]), grams[1],
+         ((1, out_map.idx_b),)),
+    ):
+        r = np.flatnonzero(rows)
+        if not len(r):
+            continue
+        c = torch.as_tensor(cols, device=W.device)
+        r_t = torch.as_tensor(r, device=W.device)
+        L, lam = factor(gram[c][:, c], reg[c], ridge)
+        if L is None:
+            W[r_t[:, None], c[None, :]] = W0[r_t][:, c]
+            ok = False
+            continue
+        rhs = sum(rhs_src[side][torch.as_tensor(idx[r], device=W.device)][:, c] for side, idx in parts)
+        rhs = rhs + lam * W0[r_t][:, c] * reg[c][None, :]
+        W[r_t[:, None], c[None, :]] = torch.cholesky_solve(rhs.T, L).T
+    return W, ok
+
+
+def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, with 1 where scale is zero or the inverse not finite."""
+    inv = 1.0 / scale
+    return torch.where(torch.isfinite(inv) & (scale.abs() > 1e-12), inv, torch.ones_like(inv))

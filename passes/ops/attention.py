@@ -1,0 +1,83 @@
+"""Matrix products and attention: a contraction of a weight with an activation is a
+weight layer (the weight's axis takes role "in"); a contraction of two activations freezes
+the contracted axis, except q . k over head_dim with heads on a batch axis of both, where
+each head's q and k entries may be permuted alike (a within group)."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from pleas_fx.core.ir import Layout
+from pleas_fx.passes.ops.common import arg, is_attr, unknown
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+
+def matmul(ctx, node):
+    a, b = node.args[0], node.args[1]
+    la, lb = ctx.layouts(a), ctx.layouts(b)
+    if la is None or lb is None or len(la) < 2 or len(lb) < 2:
+        return unknown(ctx, node, "contraction", "matmul of vectors")
+    out_shape = ctx.shape()
+    batch_a, batch_b = la[:-2], lb[:-2]
+    nb = len(out_shape) - 2
+    batch = []
+    for i in range(1, nb + 1):
+        cands = [lay[-i] for lay, shp in ((batch_a, ctx.shape(a)[:-2]), (batch_b, ctx.shape(b)[:-2]))
+                 if len(lay) >= i and shp[-i] == out_shape[-2 - i]]
+        acc = cands[0] if cands else ctx.fresh(out_shape[-2 - i], "size-1")
+        for c in cands[1:]:
+            acc = ctx.unify(acc, c)
+        batch.insert(0, acc)
+    params = [x for x in (a, b) if is_attr(x)]
+    per_unit = not params and _within_contraction(ctx, la[-1], lb[-2], la[:-2], lb[:-2])
+    contracted = ctx.unify(la[-1], lb[-2])
+    if not params and not per_unit:
+        ctx.freeze(contracted, ctx.reason("contraction", "contraction of two activations"))
+    if is_attr(b):
+        ctx.set_role(b, len(lb) - 2, "in")
+    if is_attr(a):
+        ctx.set_role(a, len(la) - 1, "in")
+    return [*batch, la[-2], lb[-1]]
+
+
+def _within_contraction(ctx, x: Layout, y: Layout, batch_x, batch_y) -> bool:
+    """q . k over head_dim with heads as a batch axis of both operands: permuting each head's
+    entries alike in q and k leaves every product unchanged, so the contracted axes share a
+    within group instead of being frozen. Needs both to be whole within axes of one group
+    whose units sit on a batch axis of both operands."""
+    wx, wy = ctx.within(x), ctx.within(y)
+    if wx is None or wy is None:
+        return False
+    parent = ctx.uf.parent_of(wx)
+    if parent is None or parent != ctx.uf.parent_of(wy):
+        return False
+    on_batch = lambda lays: any(len(lay) == 1 and ctx.uf.find(lay[0].group) == parent for lay in lays)
+    return on_batch(batch_x) and on_batch(batch_y)
+
+
+def scaled_dot_product_attention(ctx, node):
+    """softmax(q k^T * scale + mask) v over (..., tokens, head_dim) tensors: the leading (batch,
+    heads) axes of q, k, v and the output share permutations; q's and k's feature axis and the
+    key-token axis are contracted between activations (frozen); the output's last axis is v's."""
+    q, k, v = (ctx.layouts(arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
+    if any(lay is None for lay in (q, k, v)) or len(q) != len(k) or len(k) != len(v):
+        return unknown(ctx, node, "contraction", "attention on tensors of different ranks")
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        ctx.freeze(ctx.layouts(mask), ctx.reason("contraction", "attention mask"))
+    lead = [ctx.unify(ctx.unify(a, b), c) for a, b, c in zip(q[:-2], k[:-2], v[:-2])]
+    contracted = [(q[-1], "query features"), (k[-1], "key features")]
+    if _within_contraction(ctx, q[-1], k[-1], q[:-2], k[:-2]):
+        ctx.unify(q[-1], k[-1])  # each head's q and k entries permute alike
+        contracted = []
+    for lay, why in (*contracted, (k[-2], "key tokens"), (v[-2], "value tokens")):
+        if not ctx.is_frozen(lay):
+            ctx.freeze(lay, ctx.reason("contraction", f"{why} contracted between activations"))
+    return [*lead, q[-2], v[-1]]
+
+
+register_op(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", spec=OpSpec(infer=matmul))
+register_op(F.scaled_dot_product_attention, spec=OpSpec(infer=scaled_dot_product_attention))

@@ -1,0 +1,54 @@
+"""Helpers shared by the op specs: tensor arguments, argument normalisation, the fail-closed
+fallback, and numpy-style broadcasting of elementwise ops."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from pleas_fx.core.ir import Layout
+
+
+def tensor_args(ctx, node: fx.Node) -> list[fx.Node]:
+    """Every argument of `node` (nested ones included) that is a single tensor."""
+    flat: list = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: flat.append(n))
+    return [a for a in flat if ctx.is_tensor(a)]
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument `name` (at position `index`) of a node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_attr(value: Any) -> bool:
+    """Whether an argument is a parameter or buffer read by a get_attr node."""
+    return isinstance(value, fx.Node) and value.op == "get_attr"
+
+
+def unknown(ctx, node: fx.Node, kind: str, detail: str, context: str = ""):
+    """Freeze every input axis of a node the spec cannot map, and return frozen output layouts."""
+    reason = ctx.reason(kind, detail, context)
+    for a in node.all_input_nodes:
+        ctx.freeze(ctx.layouts(a), reason)
+    return ctx.fresh_like(ctx.shape(), reason)
+
+
+def broadcast(ctx, node: fx.Node, operands=None):
+    """Elementwise op with numpy broadcasting: axes that meet at full size are unified."""
+    operands = tensor_args(ctx, node) if operands is None else operands
+    out_shape = ctx.shape()
+    if out_shape is None or isinstance(out_shape, list):
+        return unknown(ctx, node, "other", "elementwise op with a non-tensor result")
+    out: list[Layout | None] = [None] * len(out_shape)
+    for a in operands:
+        lays, shp = ctx.layouts(a), ctx.shape(a)
+        for i in range(1, len(shp) + 1):
+            if i > len(out_shape) or (shp[-i] == 1 and out_shape[-i] != 1):
+                continue
+            lay = lays[-i]
+            out[-i] = lay if out[-i] is None else ctx.unify(out[-i], lay)
+    return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "constant")
+            for lay, n in zip(out, out_shape)]

@@ -1,0 +1,134 @@
+"""Convolutions (nn.Conv1d/2d/3d and F.conv1d/2d/3d with parameter weights).
+
+Inference: a groups=1 convolution maps its input channels (contracted, role "in") to fresh
+output channels; a depthwise convolution keeps its channel group; other grouped convolutions
+freeze their channels. Fill: groups=1 1-D and 2-D convolutions with zero padding are solved
+by least squares over im2col patches; depthwise kernels are mapped per channel; the rest are
+mapped with a note. Multiply-accumulates: weight entries x output positions.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.ir import WeightNode
+from pleas_fx.passes.ops.common import arg, is_attr, unknown
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _conv(ctx, x_node, groups, c_in, c_out, kernel, weight, bias):
+    x = ctx.layouts(x_node)
+    out_shape = ctx.shape()
+    spatial = [ctx.fresh(n, "spatial") for n in out_shape[2:]]
+    kernel_axes = [ctx.fresh(k, "kernel") for k in kernel]
+    if groups == 1:
+        out_ch = ctx.fresh(c_out)
+        ctx.param(weight, [out_ch, x[1], *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
+    elif groups == c_in == c_out:  # depthwise: each channel convolved on its own
+        out_ch = x[1]
+        ctx.param(weight, [out_ch, ctx.fresh(1, "size-1"), *kernel_axes])
+    else:
+        reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups})")
+        ctx.freeze(x[1], reason)
+        out_ch = ctx.fresh(c_out, reason)
+        ctx.param(weight, [out_ch, ctx.fresh(c_in // groups, reason), *kernel_axes])
+    if bias is not None:
+        ctx.param(bias, [out_ch])
+    return [x[0], out_ch, *spatial]
+
+
+def conv_module(ctx, node):
+    m = ctx.module()
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    return _conv(ctx, node.args[0], m.groups, m.in_channels, m.out_channels, m.kernel_size,
+                 f"{node.target}.weight", bias)
+
+
+def conv_function(ctx, node):
+    x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    if not is_attr(w) or not isinstance(groups, int):
+        return unknown(ctx, node, "computed weight", "convolution with a computed weight")
+    wshape = ctx.shape(w)
+    return _conv(ctx, x, groups, wshape[1] * groups, wshape[0], tuple(wshape[2:]), w.target,
+                 b.target if is_attr(b) else None)
+
+
+def conv_module_resize(module: nn.modules.conv._ConvNd, input_shape) -> None:
+    """Width attributes from the resized weight (a depthwise conv stays depthwise)."""
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    module.out_channels = module.weight.shape[0]
+    if depthwise:
+        module.groups = module.in_channels = module.out_channels
+    else:
+        module.in_channels = module.weight.shape[1] * module.groups
+
+
+def conv_function_rewrite(node: fx.Node, old, new, features) -> None:
+    """A functional depthwise convolution takes groups = its (merged) channel count."""
+    groups = arg(node, 6, "groups", 1)
+    if isinstance(groups, int) and groups > 1 and groups == old[1] and new[1] != old[1]:
+        if len(node.args) > 6:
+            node.args = (*node.args[:6], new[1], *node.args[7:])
+        else:
+            node.kwargs = {**node.kwargs, "groups": new[1]}
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _conv_weight(node, weight_name, bias_name, weight, groups, stride, padding, dilation, padding_mode, dims):
+    """The WeightNode of a convolution: solved (groups=1, 1-D/2-D, zero padding), depthwise, or mapped."""
+    c_out, c_in_per_group = weight.shape[0], weight.shape[1]
+    kernel = tuple(weight.shape[2:])
+    if groups > 1 and c_in_per_group == 1 and groups == c_out:
+        return WeightNode(node.name, weight_name, bias_name, "depthwise")
+    mapped = lambda why: WeightNode(node.name, weight_name, bias_name, "mapped", note=why)
+    if groups > 1:
+        return mapped(f"grouped convolution (groups={groups}) is mapped, not solved")
+    if dims == 3:
+        return mapped("3-D convolution is mapped, not solved")
+    if padding_mode != "zeros":
+        return mapped(f"padding mode {padding_mode!r} is mapped, not solved")
+    dilation = _tuple(dilation, dims)
+    if padding == "same":
+        if any(k % 2 == 0 for k in kernel):
+            return mapped("'same' padding with an even kernel is mapped, not solved")
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    elif padding == "valid":
+        padding = (0,) * dims
+    padding, stride = _tuple(padding, dims), _tuple(stride, dims)
+    if dims == 1:  # a 1-D convolution is a 2-D one of height 1
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return WeightNode(node.name, weight_name, bias_name, "conv", kernel, stride, padding, dilation)
+
+
+def conv_module_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:
+    m = gm.get_submodule(node.target)
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[next(c for c in type(m).__mro__ if c in CONV_MODULES)]
+    return _conv_weight(node, f"{node.target}.weight", bias, m.weight, m.groups, m.stride, m.padding,
+                        m.dilation, m.padding_mode, dims)
+
+
+def conv_function_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode | None:
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not is_attr(w):
+        return None
+    weight = getattr_path(gm, w.target)
+    if b is not None and not is_attr(b):
+        return WeightNode(node.name, w.target, None, "mapped", note="convolution with a computed bias is mapped")
+    return _conv_weight(node, w.target, b.target if b is not None else None, weight, arg(node, 6, "groups", 1),
+                        arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1),
+                        "zeros", CONV_FUNCTIONS[node.target])
+
+
+register_op(*CONV_MODULES, spec=OpSpec(infer=conv_module, resize=conv_module_resize, weight=conv_module_weight))
+register_op(*CONV_FUNCTIONS, spec=OpSpec(infer=conv_function, rewrite=conv_function_rewrite,
+                                         weight=conv_function_weight))

@@ -1,0 +1,67 @@
+"""Elementwise ops (activations, arithmetic, dropout, casts) and PReLU: axes that meet at
+full size under broadcasting share their permutation."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pleas_fx.passes.ops.common import broadcast, tensor_args
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+try:  # torchvision wraps stochastic_depth as an fx leaf function
+    from torchvision.ops import stochastic_depth as _tv_stochastic_depth
+except Exception:  # pragma: no cover - torchvision is a dependency
+    _tv_stochastic_depth = None
+
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.LogSigmoid,
+    nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Softshrink, nn.Hardshrink,
+)
+ELEMENTWISE_FUNCTIONS = [
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
+    F.elu, F.selu, F.celu, F.softplus, F.mish, F.hardtanh, F.logsigmoid, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, F.relu_, F.threshold,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs,
+    torch.neg, torch.erf, torch.clamp, torch.clip, torch.square, torch.sin, torch.cos, torch.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum,
+    torch.where, torch.lerp, torch.addcmul,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
+]
+if _tv_stochastic_depth is not None:
+    ELEMENTWISE_FUNCTIONS.append(_tv_stochastic_depth)
+ELEMENTWISE_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
+    "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "square", "pow", "add", "add_", "sub",
+    "sub_", "mul", "mul_", "div", "div_", "contiguous", "float", "double", "half", "bfloat16",
+    "to", "type", "type_as", "clone", "detach", "requires_grad_", "masked_fill", "erf", "sin", "cos",
+]
+
+
+def elementwise(ctx, node):
+    tensors = tensor_args(ctx, node)
+    if not tensors:
+        return None if ctx.shape() is None else ctx.fresh_like(ctx.shape(), "constant")
+    return broadcast(ctx, node, tensors)
+
+
+register_op(*ELEMENTWISE_MODULES, *ELEMENTWISE_FUNCTIONS, *ELEMENTWISE_METHODS, spec=OpSpec(infer=elementwise))
+
+
+def prelu(ctx, node):
+    x = ctx.layouts(node.args[0])
+    n = ctx.module().num_parameters
+    ctx.param(f"{node.target}.weight", [x[1] if n > 1 else ctx.fresh(1, "size-1")])
+    return list(x)
+
+
+def prelu_resize(module: nn.PReLU, input_shape) -> None:
+    module.num_parameters = module.weight.numel()
+
+
+register_op(nn.PReLU, spec=OpSpec(infer=prelu, resize=prelu_resize))

@@ -1,0 +1,72 @@
+"""Linear layers (nn.Linear, F.linear with a parameter weight) and embeddings.
+
+Inference: a Linear maps its last input axis (contracted, role "in") to fresh output
+features; an embedding table maps a frozen vocabulary to fresh features. Fill: linear weights
+are solved by least squares; embedding tables are mapped. MACs: weight entries x rows.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pleas_fx.core.ir import WeightNode
+from pleas_fx.passes.ops.common import arg, is_attr
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+
+def linear_module(ctx, node):
+    m = ctx.module()
+    x = ctx.layouts(node.args[0])
+    out = ctx.fresh(m.out_features)
+    ctx.param(f"{node.target}.weight", [out, x[-1]], ["out", "in"])
+    if m.bias is not None:
+        ctx.param(f"{node.target}.bias", [out])
+    return [*x[:-1], out]
+
+
+def linear_function(ctx, node):
+    x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+    xl, wl = ctx.layouts(x), ctx.layouts(w)
+    ctx.unify(wl[1], xl[-1])
+    ctx.set_role(w, 1, "in")
+    if b is not None and ctx.is_tensor(b):
+        ctx.unify(ctx.layouts(b)[0], wl[0])
+    return [*xl[:-1], wl[0]]
+
+
+def linear_resize(module: nn.Linear, input_shape) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+def linear_module_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:
+    m = gm.get_submodule(node.target)
+    return WeightNode(node.name, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+                      "linear")
+
+
+def linear_function_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode | None:
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not is_attr(w):
+        return None
+    if b is not None and not is_attr(b):
+        return WeightNode(node.name, w.target, None, "mapped", note="linear with a computed bias is mapped")
+    return WeightNode(node.name, w.target, b.target if b is not None else None, "linear")
+
+
+def embedding(ctx, node):
+    m = ctx.module()
+    ids = ctx.layouts(node.args[0])
+    ctx.freeze(ids, "network input")
+    out = ctx.fresh(m.embedding_dim)
+    ctx.param(f"{node.target}.weight", [ctx.fresh(m.num_embeddings, "vocabulary"), out])
+    return [*ids, out]
+
+
+def embedding_resize(module: nn.Embedding, input_shape) -> None:
+    module.embedding_dim = module.weight.shape[1]
+
+
+register_op(nn.Linear, spec=OpSpec(infer=linear_module, resize=linear_resize, weight=linear_module_weight))
+register_op(F.linear, spec=OpSpec(infer=linear_function, weight=linear_function_weight))
+register_op(nn.Embedding, spec=OpSpec(infer=embedding, resize=embedding_resize))

@@ -1,0 +1,51 @@
+"""Softmax and reductions: an axis whose features are mixed (normalised together or reduced
+over) is frozen; the others pass through."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pleas_fx.passes.ops.common import arg
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+
+def softmax(ctx, node):
+    x = ctx.layouts(node.args[0])
+    dim = ctx.module().dim if node.op == "call_module" else arg(node, 1, "dim")
+    if dim is None:
+        ctx.freeze(x, ctx.reason("softmax", "softmax without dim"))
+    else:
+        ctx.freeze(x[dim], ctx.reason("softmax", "softmax normalises across this axis"))
+    return list(x)
+
+
+REDUCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
+              torch.norm, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm"]
+
+
+def reduction(ctx, node):
+    """Reducing over an axis mixes its features: such an axis is frozen."""
+    x = ctx.layouts(node.args[0])
+    dim = arg(node, 1, "dim")
+    if dim is None and node.target in ("norm", torch.norm):
+        dim = arg(node, 2, "dim")
+    keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2] is True)
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        dims = list(range(len(x)))
+    else:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = [d % len(x) for d in dims]
+    for d in dims:
+        if not ctx.is_frozen(x[d]):
+            ctx.freeze(x[d], ctx.reason("reduction", "reduction over this axis"))
+    out_shape = ctx.shape()
+    if keepdim:
+        return [ctx.fresh(1, "size-1") if i in dims else x[i] for i in range(len(x))]
+    kept = [x[i] for i in range(len(x)) if i not in dims]
+    return kept if len(kept) == len(out_shape) else ctx.fresh_like(out_shape, "constant")
+
+
+register_op(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+            "softmax", "log_softmax", spec=OpSpec(infer=softmax))
+register_op(*REDUCTIONS, spec=OpSpec(infer=reduction))

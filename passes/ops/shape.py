@@ -1,0 +1,224 @@
+"""Shape ops: flatten, reshape/view (with the refinement of a group split into units x
+entries, e.g. heads x head_dim), permute/transpose, squeeze/unsqueeze, expand/repeat.
+
+Widening rewrites the size constants of reshape/view/expand/unflatten for the merged widths.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pleas_fx.core.ir import Layout, Segment
+from pleas_fx.passes.layout_ops import align_reshape, flatten_layout, unflatten_layout
+from pleas_fx.passes.ops.common import arg, unknown
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+
+def flatten(ctx, node):
+    x = ctx.layouts(node.args[0])
+    if node.op == "call_module":
+        m = ctx.module()
+        start, end = m.start_dim, m.end_dim
+    else:
+        start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+    n = len(x)
+    if n == 0:
+        return ctx.fresh_like(ctx.shape(), "size-1")
+    start, end = start % n, end % n
+    sizes = list(ctx.shape(node.args[0]))
+    merged = flatten_axes(ctx, x[start:end + 1], sizes[start:end + 1])
+    return [*x[:start], merged, *x[end + 1:]]
+
+
+def flatten_axes(ctx, layouts, sizes) -> Layout:
+    """The layout of consecutive axes flattened into one (frozen if it cannot be expressed)."""
+    lay = flatten_layout(layouts, sizes, ctx.is_frozen, ctx.is_within_of)
+    if lay is None:
+        reason = ctx.reason("reshape", "flatten of several permutable axes")
+        ctx.freeze(list(layouts), reason)
+        return ctx.fresh(prod(sizes), reason)
+    return lay if lay else ctx.fresh(prod(sizes), "spatial")
+
+
+def reshape(ctx, node):
+    x = ctx.layouts(node.args[0])
+    in_sizes, out_sizes = list(ctx.shape(node.args[0])), list(ctx.shape())
+    out: list[Layout | None] = [None] * len(out_sizes)
+    blocks = align_reshape(in_sizes, out_sizes)
+    if blocks is None:
+        return unknown(ctx, node, "reshape", "reshape", f"{in_sizes} -> {out_sizes}")
+    for i, n in enumerate(in_sizes):  # dropped size-1 axes
+        if n == 1 and not ctx.is_frozen(x[i]):
+            ctx.freeze(x[i], ctx.reason("reshape", "reshape drops this axis"))
+    for ins, outs in blocks:
+        if len(ins) == 1 and len(outs) == 1:
+            out[outs[0]] = x[ins[0]]
+        elif len(outs) == 1:
+            out[outs[0]] = flatten_axes(ctx, [x[i] for i in ins], [in_sizes[i] for i in ins])
+        elif len(ins) == 1:
+            span = list(range(outs[0], outs[-1] + 1))  # with the size-1 axes in between (one head)
+            sizes = [out_sizes[j] for j in span]
+            parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
+            withins = [s.within for s in x[ins[0]] if s.within is not None and ctx.within_size(s.within)]
+            if parts is None and withins:  # head_dim split further (e.g. rotary halves): units stay
+                ctx.freeze([(Segment(w, 1),) for w in withins],
+                           ctx.reason("within", "reshape splits within-unit entries"))
+                parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
+            if parts is None and _refine_for_split(ctx, x[ins[0]], sizes):
+                x = ctx.layouts(node.args[0])
+                parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
+            if parts is None:
+                ctx.freeze(x[ins[0]], ctx.reason("reshape", "reshape splits a permutable axis",
+                                                 f"{in_sizes} -> {out_sizes}"))
+                parts = [None] * len(span)
+            for j, lay in zip(span, parts):
+                out[j] = lay
+        else:
+            ctx.freeze([x[i] for i in ins], ctx.reason("reshape", "reshape regroups axes", f"{in_sizes} -> {out_sizes}"))
+    return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "spatial")
+            for lay, n in zip(out, out_sizes)]
+
+
+def _refine_for_split(ctx, layout: Layout, sizes: list[int]) -> bool:
+    """A permutable group split into several axes (a fused qkv output viewed as 3 x heads x
+    head_dim, channels viewed as groups x channels-per-group): coarsen the group so its units
+    are the entries of one of the new axes, each carrying the axes after it. The unit axis is
+    the last but one (heads in (3, heads, head_dim), also when heads == 1, and in (heads,
+    head_dim)). The entries of each unit (head_dim) get a within group of their own: per unit,
+    they may be permuted too, as long as every op that meets them allows it (checked when the
+    groups are collected)."""
+    if len(layout) != 1 or ctx.is_frozen(layout):
+        return False
+    seg = layout[0]
+    if ctx.has_within(seg.group):
+        return False
+    if len(sizes) < 2 or prod(sizes) != seg.numel:
+        return False
+    # the new axes must cut the group's own units: repetitions (outer/inner) stay outside
+    cum = [1]
+    for n in sizes:
+        cum.append(cum[-1] * n)
+    unit_axis = len(sizes) - 2
+    before, after = cum[unit_axis], prod(sizes[unit_axis + 1:])
+    if before % seg.outer or after % seg.inner:
+        return False
+    outer, inner = before // seg.outer, after // seg.inner
+    if outer * sizes[unit_axis] * inner != seg.size:
+        return False
+    within = ctx.uf.new_within(inner, seg.group) if seg.inner == 1 and inner > 1 else None
+    ctx.refine(seg.group, outer, sizes[unit_axis], inner, within)
+    return True
+
+
+def rewrite_sizes(sizes: list, old: list[int], new: list[int], features: list[bool]) -> list:
+    """The sizes of a reshape/view/expand for the merged widths, position by position: a
+    constant equal to the old size of a resized axis takes the new size, and a size computed
+    in the graph (``B, N, C = x.shape; y.reshape(B, N, C // heads)``) on a feature axis becomes
+    the constant new size: a feature axis's size is fixed by the model, and C may read another
+    group's width (heads x head_dim is not the residual width once the two are merged
+    differently). Sizes computed for other axes (batch, tokens) stay computed."""
+    if len(sizes) != len(old):
+        return sizes
+    return [n if (isinstance(s, int) and s == o and s != -1 and o != n) or (isinstance(s, fx.Node) and f) else s
+            for s, o, n, f in zip(sizes, old, new, features)]
+
+
+def reshape_rewrite(node: fx.Node, old, new, features) -> None:
+    """view/reshape/expand sizes for the merged widths."""
+    if isinstance(old, list):
+        return
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+        rest = node.args[1:]
+        packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+        sizes = rewrite_sizes(list(rest[0] if packed else rest), list(old), new, features)
+        node.args = (node.args[0], type(rest[0])(sizes)) if packed else (node.args[0], *sizes)
+    elif node.op == "call_function" and node.target is torch.reshape:
+        shape = arg(node, 1, "shape")
+        new_shape = type(shape)(rewrite_sizes(list(shape), list(old), new, features))
+        if len(node.args) > 1:
+            node.args = (node.args[0], new_shape, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "shape": new_shape}
+
+
+def unflatten_rewrite(node: fx.Node, old, new, features) -> None:
+    """unflatten(dim, sizes): the new sizes of the unflattened axes."""
+    dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+    if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+        return
+    dim %= len(old) - len(sizes) + 1
+    new_sizes = type(sizes)(new[dim:dim + len(sizes)])
+    if len(node.args) > 2:
+        node.args = (*node.args[:2], new_sizes, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "sizes": new_sizes}
+
+
+def permute(ctx, node):
+    x = ctx.layouts(node.args[0])
+    dims = node.args[1:] if node.op == "call_method" else [arg(node, 1, "dims")]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if node.op == "call_method" and not dims:
+        dims = node.kwargs.get("dims")
+    return [x[d % len(x)] for d in dims]
+
+
+def transpose(ctx, node):
+    x = list(ctx.layouts(node.args[0]))
+    a, b = arg(node, 1, "dim0") % len(x), arg(node, 2, "dim1") % len(x)
+    x[a], x[b] = x[b], x[a]
+    return x
+
+
+def t(ctx, node):
+    return list(reversed(ctx.layouts(node.args[0])))
+
+
+def unsqueeze(ctx, node):
+    x = list(ctx.layouts(node.args[0]))
+    dim = arg(node, 1, "dim") % (len(x) + 1)
+    return x[:dim] + [ctx.fresh(1, "size-1")] + x[dim:]
+
+
+def squeeze(ctx, node):
+    x = ctx.layouts(node.args[0])
+    in_shape, out_shape = list(ctx.shape(node.args[0])), list(ctx.shape())
+    dim = arg(node, 1, "dim")
+    if dim is None:
+        dims = [i for i, n in enumerate(in_shape) if n == 1]
+    else:
+        dims = [d % len(x) for d in (dim if isinstance(dim, (list, tuple)) else [dim]) if in_shape[d] == 1]
+    kept = [x[i] for i in range(len(x)) if i not in dims]
+    return kept if len(kept) == len(out_shape) else unknown(ctx, node, "other", "squeeze")
+
+
+def expand(ctx, node):
+    x = ctx.layouts(node.args[0])
+    in_shape, out_shape = list(ctx.shape(node.args[0])), list(ctx.shape())
+    lead = len(out_shape) - len(in_shape)
+    out = [ctx.fresh(n, "constant") for n in out_shape[:lead]]
+    for i, n in enumerate(in_shape):
+        if n == out_shape[lead + i]:
+            out.append(x[i])
+        else:
+            if not ctx.is_frozen(x[i]):
+                ctx.freeze(x[i], ctx.reason("repetition", "repetition of this axis"))
+            out.append(ctx.fresh(out_shape[lead + i], "constant"))
+    return out
+
+
+register_op(torch.flatten, "flatten", nn.Flatten, spec=OpSpec(infer=flatten))
+register_op("view", "reshape", torch.reshape, "view_as", "reshape_as", nn.Unflatten,
+            spec=OpSpec(infer=reshape, rewrite=reshape_rewrite))
+register_op("unflatten", torch.unflatten, spec=OpSpec(infer=reshape, rewrite=unflatten_rewrite))
+register_op("permute", torch.permute, spec=OpSpec(infer=permute))
+register_op("transpose", torch.transpose, "swapaxes", torch.swapaxes, spec=OpSpec(infer=transpose))
+register_op("t", torch.t, spec=OpSpec(infer=t))
+register_op("unsqueeze", torch.unsqueeze, spec=OpSpec(infer=unsqueeze))
+register_op("squeeze", torch.squeeze, spec=OpSpec(infer=squeeze))
+register_op("expand", spec=OpSpec(infer=expand, rewrite=reshape_rewrite))
+register_op("expand_as", "repeat", "tile", torch.tile, spec=OpSpec(infer=expand))

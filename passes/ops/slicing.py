@@ -1,0 +1,160 @@
+"""Concatenation, stacking, splitting and indexing: a concat makes an axis a sequence of
+segments from several groups; a split or slice that falls on segment boundaries keeps them
+(one that cuts a plain group partitions it into pieces first); anything else is frozen.
+
+Widening turns `chunk` into `split` with explicit sizes (widened pieces need not stay equal)
+and rewrites split sections.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from pleas_fx.core.ir import Layout
+from pleas_fx.passes.layout_ops import TupleLayouts, slice_layout
+from pleas_fx.passes.ops.common import arg, unknown
+from pleas_fx.passes.ops.registry import OpSpec, register_op
+
+
+def cat(ctx, node):
+    tensors = arg(node, 0, "tensors")
+    dim = arg(node, 1, "dim", 0)
+    lays = [ctx.layouts(t) for t in tensors]
+    if any(lay is None for lay in lays):
+        return unknown(ctx, node, "other", "cat of non-tensors")
+    n = len(lays[0])
+    dim %= n
+    out = []
+    for i in range(n):
+        if i == dim:
+            out.append(tuple(seg for lay in lays for seg in lay[i]))
+        else:
+            acc = lays[0][i]
+            for lay in lays[1:]:
+                acc = ctx.unify(acc, lay[i])
+            out.append(acc)
+    return out
+
+
+def stack(ctx, node):
+    tensors = arg(node, 0, "tensors")
+    dim = arg(node, 1, "dim", 0)
+    lays = [ctx.layouts(t) for t in tensors]
+    out = list(lays[0])
+    for lay in lays[1:]:
+        out = [ctx.unify(a, b) for a, b in zip(out, lay)]
+    dim %= len(out) + 1
+    return out[:dim] + [ctx.fresh(len(lays), "constant")] + out[dim:]
+
+
+def split(ctx, node):
+    """Pieces along an axis; a piece boundary inside a permutable group freezes it."""
+    x = ctx.layouts(node.args[0])
+    shapes = ctx.shape()
+    method = node.target if isinstance(node.target, str) else node.target.__name__
+    dim = arg(node, 2 if method != "unbind" else 1, "dim", 0)
+    dim %= len(x)
+    pieces = []
+    start = 0
+    for shp in shapes:
+        if method == "unbind":
+            piece = x[:dim] + x[dim + 1:]
+            if not ctx.is_frozen(x[dim]):
+                ctx.freeze(x[dim], ctx.reason("slicing", "unbind of this axis"))
+            pieces.append(list(piece))
+            continue
+        stop = start + shp[dim]
+        sub = slice_layout(x[dim], start, stop)
+        if sub is None and start == 0 and _partition_for_split(ctx, x[dim], [s[dim] for s in shapes]):
+            x = ctx.layouts(node.args[0])
+            sub = slice_layout(x[dim], start, stop)
+        if sub is None:
+            ctx.freeze(x[dim], ctx.reason("slicing", "split inside a permutable group"))
+            sub = ctx.fresh(shp[dim], "constant")
+        pieces.append([*x[:dim], sub, *x[dim + 1:]])
+        start = stop
+    return TupleLayouts(pieces)
+
+
+def _partition_for_split(ctx, layout: Layout, pieces: list[int]) -> bool:
+    """A split cutting one permutable group (a fused qkv output into q, k and v): make each
+    piece a group of its own, so the split falls on segment boundaries."""
+    if len(layout) != 1 or ctx.is_frozen(layout) or len(pieces) < 2:
+        return False
+    seg = layout[0]
+    if seg.outer != 1 or any(n % seg.inner for n in pieces):
+        return False
+    return ctx.partition(seg.group, [n // seg.inner for n in pieces])
+
+
+def split_rewrite(node: fx.Node, old, new, features) -> None:
+    """Split sections (and chunk, which becomes a split: widened pieces need not stay equal)."""
+    if not isinstance(old, list):
+        return
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dim = arg(node, 2, "dim", 0)
+    if name == "chunk":
+        node.target = "split" if node.op == "call_method" else torch.split
+        node.args, node.kwargs = (node.args[0], [piece[dim] for piece in new], dim), {}
+    elif name == "split" and isinstance(arg(node, 1, "split_size_or_sections"), (list, tuple)):
+        sections = [piece[dim] for piece in new]
+        if len(node.args) > 1:
+            node.args = (node.args[0], sections, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "split_size_or_sections": sections}
+
+
+def getitem(ctx, node):
+    src, index = node.args
+    value = ctx.layouts(src)
+    if value is None:
+        return None
+    if isinstance(value, TupleLayouts):
+        if isinstance(index, int):
+            return value[index]
+        return unknown(ctx, node, "indexing", "tuple indexing", repr(index))
+    return _index_tensor(ctx, node, value, index)
+
+
+def _index_tensor(ctx, node, x, index):
+    index = index if isinstance(index, tuple) else (index,)
+    in_shape = list(ctx.shape(node.args[0]))
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    out, dim = [], 0
+    for item in index:
+        if item is Ellipsis:
+            skip = len(x) - n_real
+            out.extend(x[dim:dim + skip])
+            dim += skip
+        elif item is None:
+            out.append(ctx.fresh(1, "size-1"))
+        elif isinstance(item, int):
+            if not ctx.is_frozen(x[dim]):
+                ctx.freeze(x[dim], ctx.reason("indexing", "indexing a single entry of this axis"))
+            dim += 1
+        elif isinstance(item, slice) and all(v is None or isinstance(v, int) for v in (item.start, item.stop, item.step)):
+            start, stop, step = item.indices(in_shape[dim])
+            if (start, stop, step) == (0, in_shape[dim], 1):
+                out.append(x[dim])
+            else:
+                sub = slice_layout(x[dim], start, stop) if step == 1 else None
+                if sub is None:
+                    ctx.freeze(x[dim], ctx.reason("slicing", "slicing inside a permutable group"))
+                    sub = ctx.fresh(len(range(start, stop, step)), "constant")
+                out.append(sub)
+            dim += 1
+        else:
+            return unknown(ctx, node, "indexing", "advanced indexing")
+    out.extend(x[dim:])
+    if len(out) != len(ctx.shape()):
+        return unknown(ctx, node, "indexing", "indexing")
+    return out
+
+
+register_op(torch.cat, torch.concat, torch.concatenate, spec=OpSpec(infer=cat))
+register_op(torch.stack, spec=OpSpec(infer=stack))
+register_op("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind, "tensor_split", torch.tensor_split,
+            spec=OpSpec(infer=split, rewrite=split_rewrite))
+register_op(operator.getitem, spec=OpSpec(infer=getitem))

@@ -1,0 +1,36 @@
+"""Small torch.fx helpers every layer uses: reading a qualified attribute, a node's shape."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+
+def getattr_path(root: torch.nn.Module, target: str) -> Any:
+    """The attribute `target` ("layer1.0.conv1.weight") of `root`."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def node_shape(node: fx.Node) -> Any:
+    """torch.Size of a node's tensor output (from shape propagation), a list of those for tuple
+    outputs, else None."""
+    meta = node.meta.get("tensor_meta")
+
+    def convert(m):
+        if isinstance(m, TensorMetadata):
+            return m.shape
+        if isinstance(m, (list, tuple)):
+            return [convert(x) for x in m]
+        return None
+
+    return convert(meta)
+
+
+def op_name(node: fx.Node) -> str:
+    """The bare name of a function or method node's target ("reshape", "cat", "add")."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
