@@ -16,6 +16,8 @@ then False); the caller always checks the result with the exact count and repair
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -34,6 +36,23 @@ class GridSolution:
     columns: int
     rows: int
     exact: bool
+
+
+def _silent_highs(highspy):
+    """A Highs instance with its output off. HiGHS writes its banner to the process's stdout
+    (file descriptor 1, from C) when the first instance is made, before any option can be set:
+    descriptor 1 points to /dev/null meanwhile, so the library writes nothing to stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+            h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return h
 
 
 def grid_levels(size: int, fractions: list[float]) -> list[int]:
@@ -134,8 +153,7 @@ def solve_grid_mip(footprint: Footprint, losses: dict[int, np.ndarray], limit: f
     lp.a_matrix_.value_ = np.asarray(value, dtype=np.float64)
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in integer]
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _silent_highs(highspy)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("mip_rel_gap", float(mip_rel_gap))

@@ -7,16 +7,9 @@ pleas_fx.inspection (the public functions) -> pleas_fx.apps (command line, demo,
 """
 import logging
 
-from pleas_fx.core.errors import (
-    ArchitectureMismatchError,
-    BudgetError,
-    DataError,
-    InternalError,
-    PleasError,
-    TraceError,
-    WeightError,
-)
 from pleas_fx import errors  # noqa: F401  (pleas_fx.errors: the public error classes)
+from pleas_fx.errors import (ArchitectureMismatchError, BudgetError, DataError, InternalError, PleasError,
+                             TraceError, WeightError)
 from pleas_fx.passes.ops import OpSpec, register_handler, register_op
 from pleas_fx.api import merge
 from pleas_fx.io import load, save

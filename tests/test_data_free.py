@@ -104,11 +104,18 @@ def test_data_free_with_integer_inputs():
     assert torch.isfinite(nets.run(one, ids)).all()
 
 
-def test_progress_bar_does_not_break_anything(capsys):
+def test_progress_bar_only_when_asked_or_on_a_terminal(capfd):
+    """progress=True draws the bar on stderr; the default draws none when stderr is not a
+    terminal (as under pytest); nothing ever reaches stdout (HiGHS's banner included)."""
     a, b = _pair()
     x, data = nets.example_and_data(CNN)
     merged = pleas_fx.merge(a, b, x, 1.5, data, progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "pleas_fx statistics" in err
     assert torch.isfinite(nets.run(merged, x)).all()
+    pleas_fx.merge(a, b, x, [1.2, 1.5], data)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
 
 
 # --------------------------------------------------------------------------- budget lists
