@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from pleas_fx.core.freeze import FreezeReason, as_reason
 from pleas_fx.core.fxutil import node_shape
-from pleas_fx.core.ir import Layout, Segment
+from pleas_fx.core.ir import Layout, Segment, layout_numel
 from pleas_fx.passes.layout_ops import TupleLayouts
 from pleas_fx.passes.ops.registry import describe_op
 
@@ -81,6 +81,7 @@ class InferenceContext:
         self.param_layouts: dict[str, list[Layout]] = {}
         self.param_roles: dict[str, list[str]] = {}
         self.node: fx.Node | None = None
+        self._rewrites: list = []  # refinements and splits made while inferring the current node
 
     # -- reading
     def layouts(self, arg: Any) -> Any:
@@ -170,6 +171,10 @@ class InferenceContext:
             for x, y in zip(a, b):
                 self._unify_within(x, y)
             return a
+        if not self.is_frozen(a) and not self.is_frozen(b):
+            refined = self._common_refinement(a, b)
+            if refined is not None:
+                return refined
         frozen_side = a if self.is_frozen(a) else b if self.is_frozen(b) else None
         if frozen_side is not None and len(frozen_side):
             # meeting an axis that is frozen anyway (tokens meeting a position embedding):
@@ -180,6 +185,42 @@ class InferenceContext:
         self.freeze(a, reason)
         self.freeze(b, reason)
         return a if len(a) else b
+
+    def _common_refinement(self, a: Layout, b: Layout) -> Layout | None:
+        """Two axes of different structure meet (a plain group and a concat's segments, segments
+        cut differently, a plain group and a flatten block): split and coarsen their groups into
+        the common refinement (partition groups at every segment boundary of either side, then
+        refine a plain piece into the other side's units x entries), and link the pieces. The
+        permutations left are a subgroup of both sides', so earlier conclusions stay sound.
+        Returns the linked layout, or None where no common refinement exists (nothing changed
+        then, apart from sound splits)."""
+        if layout_numel(a) != layout_numel(b):
+            return None
+        for _ in range(layout_numel(a) + 1):  # each step adds a segment boundary
+            cut = _first_cut(a, b) or _first_cut(b, a)
+            if cut is None:
+                break
+            seg, sizes = cut
+            if not self.partition(seg.group, sizes):
+                return None
+            a, b = self.rewritten(a), self.rewritten(b)
+        if len(a) != len(b):
+            return None
+        for x, y in zip(a, b):
+            if (x.size, x.inner, x.outer) != (y.size, y.inner, y.outer):
+                plain, other = (x, y) if x.inner == x.outer == 1 else (y, x) if y.inner == y.outer == 1 else (None, None)
+                if plain is None or other.outer != 1 or plain.size != other.size * other.inner or plain.within is not None \
+                        or self.has_within(plain.group) or self.uf.find(plain.group) == self.uf.find(other.group):
+                    return None
+                w = other.within and self.uf.find(other.within)
+                within = self.uf.new_within(self.uf.size[w], plain.group) if w is not None and not self.uf.frozen[w] else None
+                self.refine(plain.group, 1, other.size, other.inner, within)
+                a, b = self.rewritten(a), self.rewritten(b)
+        for x, y in zip(a, b):
+            if not self.uf.union(x.group, y.group):
+                return None
+            self._unify_within(x, y)
+        return a
 
     def _unify_within(self, x: Segment, y: Segment) -> None:
         """Two segments of one group meet: their within groups must permute alike."""
@@ -202,6 +243,23 @@ class InferenceContext:
 
         self.values = {name: rewrite_value(v) for name, v in self.values.items()}
         self.param_layouts = {name: [rewrite(lay) for lay in lays] for name, lays in self.param_layouts.items()}
+        self._rewrites.append(rewrite)
+
+    def rewritten(self, value: Any) -> Any:
+        """A layout (or a node value: lists, tuples of lists) with every refinement and split made
+        while inferring the current node applied: layouts a handler still holds may predate them."""
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            for rewrite in self._rewrites:
+                value = rewrite(value)
+            return value
+        out = [self.rewritten(v) for v in value]
+        return TupleLayouts(out) if isinstance(value, TupleLayouts) else out
+
+    def start_node(self, node: fx.Node) -> None:
+        self.node = node
+        self._rewrites = []
 
     def refine(self, group: int, outer: int, units: int, inner: int, within: int | None = None) -> None:
         """Coarsen a group of n = outer * units * inner features to `units` blocks of `inner`
@@ -217,9 +275,11 @@ class InferenceContext:
         if self.has_within(group):
             raise ValueError("cannot refine a group whose units already have a within group")
 
-        def rewrite(layout: Layout) -> Layout:
+        before = self.uf.size[root]
+
+        def rewrite(layout: Layout) -> Layout:  # idempotent: refined segments have `units` units
             return tuple(Segment(s.group, units, s.inner * inner, s.outer * outer, within)
-                         if self.uf.find(s.group) == root else s for s in layout)
+                         if self.uf.find(s.group) == root and s.size == before else s for s in layout)
 
         self._rewrite_layouts(rewrite)
         self.uf.size[root] = units
@@ -308,3 +368,24 @@ def freeze_unknown(ctx: InferenceContext, node: fx.Node, reason: FreezeReason | 
     return ctx.fresh_like(ctx.shape(), reason)
 
 
+
+
+def _first_cut(a: Layout, b: Layout) -> tuple[Segment, list[int]] | None:
+    """The first segment of `a` (unrepeated, outer 1) that a segment boundary of `b` falls
+    inside, and the unit counts of its two pieces; None when every boundary of b is one of a's.
+    A boundary inside a unit (or a repeated segment) cannot be cut: no pieces are returned then,
+    the split fails and the caller freezes both axes."""
+    cuts, offset = set(), 0
+    for seg in b:
+        offset += seg.numel
+        cuts.add(offset)
+    offset = 0
+    for seg in a:
+        inside = sorted(c for c in cuts if offset < c < offset + seg.numel)
+        if inside:
+            c = inside[0] - offset
+            if seg.outer != 1 or c % seg.inner:
+                return seg, []
+            return seg, [c // seg.inner, seg.size - c // seg.inner]
+        offset += seg.numel
+    return None

@@ -43,7 +43,7 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
     ctx = InferenceContext(gm)
     frozen_reasons: list[FreezeReason] = []
     for node in gm.graph.nodes:
-        ctx.node = node
+        ctx.start_node(node)
         if node.op == "placeholder":
             out = ctx.fresh_like(ctx.shape(), FreezeReason("network input", where=node.name))
         elif node.op == "output":
@@ -68,7 +68,7 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
                     frozen_reasons.append(reason)
             else:
                 out = spec.infer(ctx, node)
-        ctx.values[node.name] = out
+        ctx.values[node.name] = ctx.rewritten(out)
 
     # Parameters never read by the graph keep their shape: freeze them.
     for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):

@@ -4,17 +4,16 @@ The two traced graphs run node by node in lockstep; values are freed after their
 so no activation outlives the node that needs it. Two kinds of probes accumulate running sums
 in float64 (each chunk's product is taken in the activations' precision, at least float32):
 
-- least-squares probes (one per weight node): second moments S = E[s s^T] of the stacked,
-  bias-augmented input s = [x_A; x_B; 1] (im2col patches for a convolution). Every budget's
+- least-squares probes (one per solved weight node): second moments S = E[s s^T] of the
+  stacked, bias-augmented input s = [x_A; x_B; 1] (im2col patches for a convolution, summed
+  exactly over every output position by passes/patch_moments.py). Every budget's
   least-squares solve is linear algebra on S alone.
 - matching sites (one per activation axis of a mergeable group): E[z_A z_B^T], E[z_A^2],
   E[z_B^2] over every other axis treated as samples.
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -24,52 +23,13 @@ import torch.nn.functional as F
 
 from pleas_fx.core.ir import Site, WeightNode
 from pleas_fx.core.progress import progress_bar
+from pleas_fx.passes.moments import SecondMoments, accumulate_rows
+from pleas_fx.passes.patch_moments import conv_patch_sums
+from pleas_fx.passes.patch_plan import conv_output_size
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 256 * 2**20
 GRAM_CHUNK_ROWS = 8192  # rows per low-precision product before the float64 sum
-
-
-@dataclass
-class SecondMoments:
-    """Running sums for E[s s^T] of the stacked input s = [x_A; x_B; 1], kept as blocks.
-
-    Only the blocks A^T A, A^T B, B^T B and the column sums are accumulated (B^T A is the
-    transpose of A^T B): three products instead of four. Each chunk's product is computed in
-    the activations' precision and added to float64 running sums (``dtype``).
-    """
-
-    dim_a: int
-    dim_b: int
-    aa: torch.Tensor
-    ab: torch.Tensor
-    bb: torch.Tensor
-    sum_a: torch.Tensor
-    sum_b: torch.Tensor
-    count: int = 0
-
-    @classmethod
-    def zeros(cls, dim_a: int, dim_b: int, dtype: torch.dtype, device) -> "SecondMoments":
-        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
-        return cls(dim_a, dim_b, z(dim_a, dim_a), z(dim_a, dim_b), z(dim_b, dim_b), z(dim_a), z(dim_b))
-
-    @property
-    def dim(self) -> int:
-        return self.dim_a + self.dim_b + 1
-
-    def mean(self) -> torch.Tensor:
-        """E[s s^T] as one (dim_a + dim_b + 1)-square matrix, bias last."""
-        da, db, n = self.dim_a, self.dim_b, max(self.count, 1)
-        out = torch.empty(self.dim, self.dim, dtype=self.aa.dtype, device=self.aa.device)
-        out[:da, :da] = 0.5 * (self.aa + self.aa.T)  # exactly symmetric, whatever the BLAS did
-        out[:da, da:da + db] = self.ab
-        out[da:da + db, :da] = self.ab.T
-        out[da:da + db, da:da + db] = 0.5 * (self.bb + self.bb.T)
-        out[:da, -1] = out[-1, :da] = self.sum_a
-        out[da:da + db, -1] = out[-1, da:da + db] = self.sum_b
-        out[-1, -1] = self.count
-        return out / n
 
 
 @dataclass
@@ -94,38 +54,30 @@ class Statistics:
     cache: dict = field(default_factory=dict)  # budget-independent products, reused by every fill
 
 
-def _input_chunks(node: WeightNode, xa: torch.Tensor, xb: torch.Tensor, positions: int | None,
-                  gen: torch.Generator | None):
-    """The weight node's inputs in A and B as its weights see them, as aligned chunks of shape
-    (features, rows): rows of a Linear's input, or a convolution's im2col patches.
-
-    Convolutions are unfolded a few samples at a time (bounded memory); with ``positions`` set,
-    that many output positions per sample are drawn at random (the same ones in A and B).
-    """
+def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb: torch.Tensor,
+                      positions: int | None = None, gen: torch.Generator | None = None) -> None:
+    """Add a weight node's inputs in A and B, as its weights see them, to its running sums:
+    the rows of a Linear's input, or a convolution's im2col patches. Convolutions use every
+    output position, summed exactly without im2col (passes/patch_moments.py); with `positions`
+    set, that many output positions per sample are drawn at random instead (the same ones in
+    A and B) and gathered."""
     if node.kind == "linear":
         fa, fb = xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])
         for start in range(0, fa.shape[0], GRAM_CHUNK_ROWS):
-            yield fa[start:start + GRAM_CHUNK_ROWS].T, fb[start:start + GRAM_CHUNK_ROWS].T
+            accumulate_rows(acc, fa[start:start + GRAM_CHUNK_ROWS].T, fb[start:start + GRAM_CHUNK_ROWS].T)
         return
-    if xa.dim() == 3:  # conv1d: treat as conv2d of height 1
+    if xa.dim() == 3:  # conv1d: a conv2d of height 1
         xa, xb = xa.unsqueeze(2), xb.unsqueeze(2)
-    unfold = lambda x: F.unfold(x, node.kernel, dilation=node.dilation, padding=node.padding, stride=node.stride)
-    out_h, out_w = (_conv_out(xa.shape[2 + i], node.kernel[i], node.stride[i], node.padding[i], node.dilation[i])
-                    for i in range(2))
-    length = out_h * out_w
-    sampled = positions is not None and positions < length
-    step = max(1, GRAM_CHUNK_ROWS // (positions if sampled else length))
+    out_h, out_w = (conv_output_size(xa.shape[2 + i], node.kernel[i], node.stride[i], node.padding[i],
+                                     node.padding[i], node.dilation[i]) for i in range(2))
+    if positions is None or positions >= out_h * out_w:
+        conv_patch_sums(xa, xb, node.kernel, node.stride, node.padding, node.dilation, out=acc)
+        return
+    step = max(1, GRAM_CHUNK_ROWS // positions)
     for start in range(0, xa.shape[0], step):
-        if sampled:
-            idx = torch.randperm(length, generator=gen)[:positions].to(xa.device)
-            ca, cb = (_patches_at(node, x[start:start + step], idx, out_w) for x in (xa, xb))
-        else:
-            ca, cb = unfold(xa[start:start + step]), unfold(xb[start:start + step])  # (n, features, L)
-        yield ca.transpose(0, 1).reshape(ca.shape[1], -1), cb.transpose(0, 1).reshape(cb.shape[1], -1)
-
-
-def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+        idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xa.device)
+        ca, cb = (_patches_at(node, x[start:start + step], idx, out_w) for x in (xa, xb))
+        accumulate_rows(acc, ca.transpose(0, 1).reshape(ca.shape[1], -1), cb.transpose(0, 1).reshape(cb.shape[1], -1))
 
 
 def _patches_at(node: WeightNode, x: torch.Tensor, idx: torch.Tensor, out_w: int) -> torch.Tensor:
@@ -140,24 +92,6 @@ def _patches_at(node: WeightNode, x: torch.Tensor, idx: torch.Tensor, out_w: int
     cols = ox[None, :] * sw + kx[:, None] * dw
     patches = xp[:, :, rows, cols]  # (n, C, kh*kw, P)
     return patches.reshape(x.shape[0], -1, idx.numel())
-
-
-def _accumulate_gram(acc: SecondMoments, chunks, dtype) -> None:
-    """Add a batch's input chunks (features, rows) to the running sums.
-
-    Products run in the activations' own precision (at least float32; float64 if the
-    activations are), one chunk of a few thousand rows at a time, and are summed into
-    ``dtype`` (float64 by default) across chunks.
-    """
-    for a, b in chunks:
-        work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        a, b = a.to(work), b.to(work)
-        acc.aa += (a @ a.T).to(dtype)
-        acc.ab += (a @ b.T).to(dtype)
-        acc.bb += (b @ b.T).to(dtype)
-        acc.sum_a += a.sum(1).to(dtype)
-        acc.sum_b += b.sum(1).to(dtype)
-        acc.count += a.shape[1]
 
 
 def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis: int, dtype) -> None:
@@ -224,13 +158,11 @@ class _Collector:
         self.stats = Statistics()
 
     def weight_inputs(self, probe: WeightNode, xa: torch.Tensor, xb: torch.Tensor) -> None:
-        chunks = _input_chunks(probe, xa, xb, self.positions, self.gen)
-        first = next(chunks)
         acc = self.stats.least_squares.get(probe.node)
         if acc is None:
-            acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(
-                first[0].shape[0], first[1].shape[0], self.dtype, self.device)
-        _accumulate_gram(acc, itertools.chain([first], chunks), self.dtype)
+            dim = xa.shape[-1] if probe.kind == "linear" else xa.shape[1] * probe.taps
+            acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(dim, dim, self.dtype, self.device)
+        accumulate_inputs(acc, probe, xa, xb, self.positions, self.gen)
 
     def site_values(self, site: Site, za: torch.Tensor, zb: torch.Tensor) -> None:
         axis = site.axis
@@ -265,7 +197,8 @@ def collect_statistics(
 
     ``weights``: the solved weight nodes (second moments of their stacked inputs).
     ``positions``: for convolutions, use at most this many randomly drawn output positions
-    per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all).
+    per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all,
+    exactly).
     ``full_sites``: also accumulate each site's within-model moments and sums (ZipIt! matching).
     ``progress``: a tqdm bar (None: only when stderr is a terminal).
     """

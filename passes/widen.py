@@ -27,22 +27,6 @@ def _new_sizes(value, widths, frozen):
     return [merged_axis_size(lay, widths, frozen) for lay in value]
 
 
-def _feature_axes(value, spec: GroupSpec):
-    """Per output axis: whether it holds features (some group on it is mergeable, a within
-    group, or frozen for a reason that is not structural). Its size is then fixed by the model,
-    never by the input, so a size the graph computes for it is replaced by a constant."""
-    if value is None:
-        return None
-    if value and isinstance(value[0], list):
-        return [_feature_axes(v, spec) for v in value]
-
-    def feature(g: int) -> bool:
-        group = spec.groups[g]
-        return not group.frozen or not any(r.structural for r in group.reasons)
-
-    return [any(feature(seg.group) for seg in lay) for lay in value]
-
-
 def _replace_tensor(root: nn.Module, name: str, new: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
@@ -69,20 +53,27 @@ def widen(gm: fx.GraphModule, spec: GroupSpec, widths: dict[int, int]) -> fx.Gra
                 _replace_tensor(merged, name, torch.zeros(shape, dtype=tensor.dtype, device=tensor.device))
 
     new_shapes = {n: _new_sizes(v, widths, frozen) for n, v in spec.node_layouts.items()}
-    resized: set[str] = set()
+
+    def resized(tensor: fx.Node, axis: int) -> bool:
+        """Whether the merge changes the size of `tensor`'s axis (unknown: assumed so)."""
+        old, new = node_shape(tensor), new_shapes.get(tensor.name)
+        if not isinstance(axis, int) or old is None or new is None or isinstance(old, list) or not -len(old) <= axis < len(old):
+            return True
+        return old[axis] != new[axis]
+    done_modules: set[str] = set()
     for node in merged.graph.nodes:
         op = lookup_op(node, merged)
         if op is None:
             continue
         if node.op == "call_module":
-            if op.resize is not None and node.target not in resized:
+            if op.resize is not None and node.target not in done_modules:
                 arg = node.args[0] if node.args else None
                 in_shape = new_shapes.get(arg.name) if isinstance(arg, fx.Node) else None
                 op.resize(merged.get_submodule(node.target), in_shape)
-                resized.add(node.target)
+                done_modules.add(node.target)
             continue
         old, new = node_shape(node), new_shapes.get(node.name)
         if op.rewrite is not None and old is not None and new is not None:
-            op.rewrite(node, old, new, _feature_axes(spec.node_layouts.get(node.name), spec))
+            op.rewrite(node, old, new, resized)
     merged.recompile()
     return merged

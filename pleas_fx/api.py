@@ -41,7 +41,7 @@ def merge(
     ridge: float = 1e-4,
     max_ls_dim: int = 10_000,
     stats_dtype: torch.dtype = torch.float64,
-    positions: int | None = 256,
+    positions: int | None = None,
     progress: bool | None = None,
     seed: int = 0,
     allocation: str = "highs",
@@ -89,12 +89,10 @@ def merge(
         max_ls_dim: weight nodes whose stacked input is larger are mapped, not solved.
         stats_dtype: dtype of the running statistics sums (float64; products are taken in
             the activations' precision, a few thousand rows at a time).
-        positions: for convolutions, least-squares statistics use at most this many randomly
-            drawn output positions per sample (None: all of them). Their cost is positions x
-            (2 x patch size)^2 per sample, the dominant cost on large feature maps; a few
-            hundred positions per sample over a few hundred samples estimate the moments
-            well (on the README demo, 64, 256 and all 784 positions give the same accuracy
-            to 0.3 points at 1/3 and 2/3 of the time).
+        positions: None (default): convolution statistics sum every output position exactly,
+            as cross-correlations of the feature maps at the kernel's tap offsets (no im2col;
+            passes/patch_moments.py). An integer: that many randomly drawn output positions per
+            sample, gathered as im2col patches (cost positions x (2 x patch size)^2 per sample).
         progress: a tqdm progress bar for the data pass: True always, False never, None (default)
             only when stderr is a terminal.
         allocation: "highs" (default) chooses every group's width by a MIP solved with HiGHS

@@ -55,7 +55,7 @@ class MergeOptions:
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
                   repair: bool | None = None, matching: str | None = None, max_batches: int | None = None,
                   generated_batches_count: int = 8, ridge: float = 1e-4, max_ls_dim: int = 10_000,
-                  stats_dtype: torch.dtype = torch.float64, positions: int | None = 256,
+                  stats_dtype: torch.dtype = torch.float64, positions: int | None = None,
                   progress: bool | None = None, seed: int = 0, allocation: str = "highs",
                   budget_metric: str = "params", width_grid: int | Sequence[float] = 8,
                   allocation_time_limit: float = 10.0, proxy: str = "cost",

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pleas_fx
-from pleas_fx.passes.statistics import SecondMoments, _accumulate_gram, _input_chunks, _patches_at
+from pleas_fx.passes.moments import SecondMoments
+from pleas_fx.passes.statistics import _patches_at, accumulate_inputs
 from pleas_fx.passes.verify import relative_error
 from tests import nets
 
@@ -42,13 +43,13 @@ def test_blocked_moments_equal_the_dense_float64_gram(kind):
         rows_a, rows_b = xa.reshape(-1, 5), xb.reshape(-1, 7)
     else:
         node = SimpleNamespace(kind="conv", kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1))
-        xa, xb = torch.randn(40, 3, 15, 15, generator=gen), torch.randn(40, 2, 15, 15, generator=gen) * 3
+        xa, xb = torch.randn(40, 3, 15, 15, generator=gen), torch.randn(40, 3, 15, 15, generator=gen) * 3
         rows_a = F.unfold(xa, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
-        rows_b = F.unfold(xb, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18)
+        rows_b = F.unfold(xb, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
     s = torch.cat([rows_a, rows_b, torch.ones(rows_a.shape[0], 1)], 1).double()
     dense = s.T @ s / s.shape[0]
     acc = SecondMoments.zeros(rows_a.shape[1], rows_b.shape[1], torch.float64, "cpu")
-    _accumulate_gram(acc, _input_chunks(node, xa, xb, None, None), torch.float64)
+    accumulate_inputs(acc, node, xa, xb)
     assert acc.count == s.shape[0]
     assert torch.allclose(acc.mean(), dense, rtol=1e-5, atol=1e-5)
     assert torch.equal(acc.mean(), acc.mean().T)
@@ -58,7 +59,7 @@ def test_sampled_positions_are_shared_by_both_models_and_counted():
     node = SimpleNamespace(kind="conv", kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
     x = torch.randn(10, 2, 9, 9)
     acc = SecondMoments.zeros(18, 18, torch.float64, "cpu")
-    _accumulate_gram(acc, _input_chunks(node, x, x, 7, torch.Generator().manual_seed(0)), torch.float64)
+    accumulate_inputs(acc, node, x, x, 7, torch.Generator().manual_seed(0))
     assert acc.count == 10 * 7
     assert torch.allclose(acc.aa, acc.ab) and torch.allclose(acc.ab, acc.bb)  # same rows in A and B
 

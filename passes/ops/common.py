@@ -23,6 +23,14 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    """Set positional-or-keyword argument `name` (at position `index`) of a node, where it is given."""
+    if len(node.args) > index:
+        node.args = (*node.args[:index], value, *node.args[index + 1:])
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
 def is_attr(value: Any) -> bool:
     """Whether an argument is a parameter or buffer read by a get_attr node."""
     return isinstance(value, fx.Node) and value.op == "get_attr"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import WeightNode
-from pleas_fx.passes.ops.common import arg, is_attr, unknown
+from pleas_fx.passes.ops.common import arg, is_attr, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -69,14 +69,11 @@ def conv_module_resize(module: nn.modules.conv._ConvNd, input_shape) -> None:
         module.in_channels = module.weight.shape[1] * module.groups
 
 
-def conv_function_rewrite(node: fx.Node, old, new, features) -> None:
+def conv_function_rewrite(node: fx.Node, old, new, resized) -> None:
     """A functional depthwise convolution takes groups = its (merged) channel count."""
     groups = arg(node, 6, "groups", 1)
     if isinstance(groups, int) and groups > 1 and groups == old[1] and new[1] != old[1]:
-        if len(node.args) > 6:
-            node.args = (*node.args[:6], new[1], *node.args[7:])
-        else:
-            node.kwargs = {**node.kwargs, "groups": new[1]}
+        set_arg(node, 6, "groups", new[1])
 
 
 def _tuple(v, n):

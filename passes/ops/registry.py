@@ -6,9 +6,9 @@ An `OpSpec` gathers what every pass needs to know about an op:
   of the node's output (one per dim; a list of those for tuple outputs; None for non-tensors).
 - `resize(module, input_shape)` (widen, module ops): re-derive the module's width attributes
   (in_channels, out_features, num_features, normalized_shape, ...) from its resized tensors.
-- `rewrite(node, old_shape, new_shape, features)` (widen): rewrite shape constants in the
+- `rewrite(node, old_shape, new_shape, resized)` (widen): rewrite shape constants in the
   node's arguments (reshape sizes, split sections, layer_norm shapes) for the merged widths
-  (`features[i]`: output axis i holds features, so its size is fixed by the model).
+  (`resized(tensor_node, axis)`: whether the merge changes the size of that axis).
 - `weight(node, gm) -> WeightNode | None` (fill, statistics, footprint): the weight tensor the
   node applies to its input and how the fill pass writes it (solved by least squares, or
   mapped, with the reason); multiply-accumulates are counted from it.

@@ -5,6 +5,7 @@ Widening rewrites the size constants of reshape/view/expand/unflatten for the me
 """
 from __future__ import annotations
 
+import operator
 from math import prod
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 from pleas_fx.core.ir import Layout, Segment
 from pleas_fx.passes.layout_ops import align_reshape, flatten_layout, unflatten_layout
-from pleas_fx.passes.ops.common import arg, unknown
+from pleas_fx.passes.ops.common import arg, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 
@@ -113,48 +114,76 @@ def _refine_for_split(ctx, layout: Layout, sizes: list[int]) -> bool:
     return True
 
 
-def rewrite_sizes(sizes: list, old: list[int], new: list[int], features: list[bool]) -> list:
+_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv, operator.mod,
+               operator.neg, int}
+
+
+def _reads_resized_axis(value, resized, seen=None) -> bool:
+    """Whether a size computed in the graph (x.shape[i], x.size(i), len(x), and integer
+    arithmetic on those) reads an axis whose size the merge changes. Unknown ways of computing
+    a size count as reading one (the size is then replaced by a constant)."""
+    if not isinstance(value, fx.Node):
+        return False
+    seen = set() if seen is None else seen
+    if value in seen:
+        return False
+    seen.add(value)
+    if value.op == "call_method" and value.target == "size" and len(value.args) > 1:
+        return resized(value.args[0], value.args[1])
+    if value.op == "call_function" and value.target is len:
+        return resized(value.args[0], 0)
+    if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[1], int):
+        whole = value.args[0]  # x.shape[i] or x.size()[i]
+        shape_of = whole.op == "call_function" and whole.target is getattr and whole.args[1] == "shape"
+        size_of = whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1
+        if isinstance(whole, fx.Node) and (shape_of or size_of):
+            return resized(whole.args[0], value.args[1])
+        return True
+    if value.op == "call_function" and value.target in _ARITHMETIC:
+        return any(_reads_resized_axis(a, resized, seen) for a in value.args)
+    return True
+
+
+def rewrite_sizes(sizes: list, old: list[int], new: list[int], resized) -> list:
     """The sizes of a reshape/view/expand for the merged widths, position by position: a
-    constant equal to the old size of a resized axis takes the new size, and a size computed
-    in the graph (``B, N, C = x.shape; y.reshape(B, N, C // heads)``) on a feature axis becomes
-    the constant new size: a feature axis's size is fixed by the model, and C may read another
-    group's width (heads x head_dim is not the residual width once the two are merged
-    differently). Sizes computed for other axes (batch, tokens) stay computed."""
+    constant equal to the old size of a resized axis takes the new size, and so does a size
+    computed in the graph (``B, N, C = x.shape; y.reshape(B, N, C // heads)``) where the axis
+    is resized or the computation reads a resized axis (C may read another group's width:
+    heads x head_dim is not the residual width once the two are merged differently). Sizes
+    computed from axes the merge leaves alone (batch, tokens) stay computed."""
     if len(sizes) != len(old):
         return sizes
-    return [n if (isinstance(s, int) and s == o and s != -1 and o != n) or (isinstance(s, fx.Node) and f) else s
-            for s, o, n, f in zip(sizes, old, new, features)]
+    out = []
+    for s, o, n in zip(sizes, old, new):
+        if isinstance(s, int) and s == o and s != -1 and o != n:
+            s = n
+        elif isinstance(s, fx.Node) and (o != n or _reads_resized_axis(s, resized)):
+            s = n
+        out.append(s)
+    return out
 
 
-def reshape_rewrite(node: fx.Node, old, new, features) -> None:
+def reshape_rewrite(node: fx.Node, old, new, resized) -> None:
     """view/reshape/expand sizes for the merged widths."""
     if isinstance(old, list):
         return
     if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
         rest = node.args[1:]
         packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
-        sizes = rewrite_sizes(list(rest[0] if packed else rest), list(old), new, features)
+        sizes = rewrite_sizes(list(rest[0] if packed else rest), list(old), new, resized)
         node.args = (node.args[0], type(rest[0])(sizes)) if packed else (node.args[0], *sizes)
     elif node.op == "call_function" and node.target is torch.reshape:
         shape = arg(node, 1, "shape")
-        new_shape = type(shape)(rewrite_sizes(list(shape), list(old), new, features))
-        if len(node.args) > 1:
-            node.args = (node.args[0], new_shape, *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "shape": new_shape}
+        set_arg(node, 1, "shape", type(shape)(rewrite_sizes(list(shape), list(old), new, resized)))
 
 
-def unflatten_rewrite(node: fx.Node, old, new, features) -> None:
+def unflatten_rewrite(node: fx.Node, old, new, resized) -> None:
     """unflatten(dim, sizes): the new sizes of the unflattened axes."""
     dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
     if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
         return
     dim %= len(old) - len(sizes) + 1
-    new_sizes = type(sizes)(new[dim:dim + len(sizes)])
-    if len(node.args) > 2:
-        node.args = (*node.args[:2], new_sizes, *node.args[3:])
-    else:
-        node.kwargs = {**node.kwargs, "sizes": new_sizes}
+    set_arg(node, 2, "sizes", type(sizes)(new[dim:dim + len(sizes)]))
 
 
 def permute(ctx, node):

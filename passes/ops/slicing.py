@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from pleas_fx.core.ir import Layout
 from pleas_fx.passes.layout_ops import TupleLayouts, slice_layout
-from pleas_fx.passes.ops.common import arg, unknown
+from pleas_fx.passes.ops.common import arg, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 
@@ -89,7 +89,7 @@ def _partition_for_split(ctx, layout: Layout, pieces: list[int]) -> bool:
     return ctx.partition(seg.group, [n // seg.inner for n in pieces])
 
 
-def split_rewrite(node: fx.Node, old, new, features) -> None:
+def split_rewrite(node: fx.Node, old, new, resized) -> None:
     """Split sections (and chunk, which becomes a split: widened pieces need not stay equal)."""
     if not isinstance(old, list):
         return
@@ -99,11 +99,7 @@ def split_rewrite(node: fx.Node, old, new, features) -> None:
         node.target = "split" if node.op == "call_method" else torch.split
         node.args, node.kwargs = (node.args[0], [piece[dim] for piece in new], dim), {}
     elif name == "split" and isinstance(arg(node, 1, "split_size_or_sections"), (list, tuple)):
-        sections = [piece[dim] for piece in new]
-        if len(node.args) > 1:
-            node.args = (node.args[0], sections, *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "split_size_or_sections": sections}
+        set_arg(node, 1, "split_size_or_sections", [piece[dim] for piece in new])
 
 
 def getitem(ctx, node):

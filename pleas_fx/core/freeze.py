@@ -25,7 +25,7 @@ _TEXT = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class FreezeReason:
     """Why a group is frozen: `kind` (e.g. "no handler", "reduction", "mixed structure",
     "spatial"), the node and op where it happened, and a human detail."""
