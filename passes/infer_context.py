@@ -8,67 +8,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from pleas_fx.core.freeze import FreezeReason, as_reason
+from pleas_fx.core.freeze import FreezeReason
 from pleas_fx.core.fxutil import node_shape
 from pleas_fx.core.ir import Layout, Segment, layout_numel
-from pleas_fx.passes.layout_ops import TupleLayouts
+from pleas_fx.passes.layout_ops import TupleLayouts, boundaries, first_cut
 from pleas_fx.passes.ops.registry import describe_op
-
-
-class UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.frozen: list[bool] = []
-        self.reasons: dict[int, list[FreezeReason]] = {}
-        self.parents: dict[int, list[int]] = {}  # within variable -> the variables it permutes inside
-
-    def new(self, size: int) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(int(size))
-        self.frozen.append(False)
-        return len(self.parent) - 1
-
-    def find(self, v: int) -> int:
-        root = v
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[v] != root:
-            self.parent[v], v = root, self.parent[v]
-        return root
-
-    def freeze(self, v: int, reason: FreezeReason | str) -> None:
-        reason = as_reason(reason)
-        r = self.find(v)
-        if not self.frozen[r] or reason not in self.reasons.get(r, []):
-            self.reasons.setdefault(r, []).append(reason)
-        self.frozen[r] = True
-
-    def union(self, a: int, b: int) -> bool:
-        """Merge the classes of a and b; False (nothing merged) if their sizes differ."""
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return True
-        if self.size[ra] != self.size[rb]:
-            return False
-        self.parent[rb] = ra
-        self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
-        self.reasons.setdefault(ra, []).extend(self.reasons.pop(rb, []))
-        if rb in self.parents:
-            self.parents.setdefault(ra, []).extend(self.parents.pop(rb))
-        return True
-
-    def new_within(self, size: int, parent: int) -> int:
-        """A within variable: permutes the entries of each unit of `parent`, unit by unit."""
-        v = self.new(size)
-        self.parents[v] = [parent]
-        return v
-
-    def parent_of(self, v: int) -> int | None:
-        """The (resolved) group a within variable permutes inside; None for other variables
-        or when it was linked to within axes of different groups."""
-        found = {self.find(p) for p in self.parents.get(self.find(v), ())}
-        return found.pop() if len(found) == 1 else None
+from pleas_fx.passes.union_find import UnionFind
 
 
 class InferenceContext:
@@ -196,15 +141,10 @@ class InferenceContext:
         then, apart from sound splits)."""
         if layout_numel(a) != layout_numel(b):
             return None
-        for _ in range(layout_numel(a) + 1):  # each step adds a segment boundary
-            cut = _first_cut(a, b) or _first_cut(b, a)
-            if cut is None:
-                break
-            seg, sizes = cut
-            if not self.partition(seg.group, sizes):
-                return None
-            a, b = self.rewritten(a), self.rewritten(b)
-        if len(a) != len(b):
+        a = self.split_at(a, boundaries(b))
+        b = a and self.split_at(b, boundaries(a))
+        a = b and self.rewritten(a)
+        if a is None or len(a) != len(b):
             return None
         for x, y in zip(a, b):
             if (x.size, x.inner, x.outer) != (y.size, y.inner, y.outer):
@@ -221,6 +161,21 @@ class InferenceContext:
                 return None
             self._unify_within(x, y)
         return a
+
+    def split_at(self, layout: Layout, offsets) -> Layout | None:
+        """`layout` with a segment boundary at every offset in `offsets` (0 < offset < numel),
+        partitioning the groups the offsets cut (a split into pieces, a slice, a concat of other
+        sizes meeting it): the rewritten layout, or None where an offset falls inside a unit or
+        a group cannot be partitioned (repeated, with a within group, frozen)."""
+        for _ in range(layout_numel(layout) + 1):  # each step adds a segment boundary
+            cut = first_cut(layout, offsets)
+            if cut is None:
+                return layout
+            seg, sizes = cut
+            if not self.partition(seg.group, sizes):
+                return None
+            layout = self.rewritten(layout)
+        return None
 
     def _unify_within(self, x: Segment, y: Segment) -> None:
         """Two segments of one group meet: their within groups must permute alike."""
@@ -366,26 +321,3 @@ def freeze_unknown(ctx: InferenceContext, node: fx.Node, reason: FreezeReason | 
         for name, tensor in ctx.module_params(node).items():
             ctx.param(name, [ctx.fresh(n, reason) for n in tensor.shape])
     return ctx.fresh_like(ctx.shape(), reason)
-
-
-
-
-def _first_cut(a: Layout, b: Layout) -> tuple[Segment, list[int]] | None:
-    """The first segment of `a` (unrepeated, outer 1) that a segment boundary of `b` falls
-    inside, and the unit counts of its two pieces; None when every boundary of b is one of a's.
-    A boundary inside a unit (or a repeated segment) cannot be cut: no pieces are returned then,
-    the split fails and the caller freezes both axes."""
-    cuts, offset = set(), 0
-    for seg in b:
-        offset += seg.numel
-        cuts.add(offset)
-    offset = 0
-    for seg in a:
-        inside = sorted(c for c in cuts if offset < c < offset + seg.numel)
-        if inside:
-            c = inside[0] - offset
-            if seg.outer != 1 or c % seg.inner:
-                return seg, []
-            return seg, [c // seg.inner, seg.size - c // seg.inner]
-        offset += seg.numel
-    return None

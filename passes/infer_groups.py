@@ -149,6 +149,28 @@ def _drop_repeated_within_sites(gm: fx.GraphModule, groups: dict[int, Group]) ->
         g.sites[:] = kept
 
 
+SEGMENT_SITES = 4  # segment sites per group seen only inside axes of several segments
+
+
+def _add_segment_sites(gm: fx.GraphModule, groups: dict[int, Group], node_layouts: dict[str, Any]) -> None:
+    """A mergeable group that is never a whole axis (only a piece of concats, splits, slices
+    made of several segments) gets sites on those pieces, so matching sees it."""
+    unseen = {g.id for g in groups.values() if not g.sites and not g.frozen and g.parent is None}
+    for node in gm.graph.nodes:
+        value = node_layouts.get(node.name)
+        if not unseen or node.op in ("placeholder", "get_attr", "output") or not value or isinstance(value[0], list):
+            continue
+        for axis, lay in enumerate(value):
+            offset = 0
+            for seg in lay:
+                g = groups[seg.group]
+                if seg.group in unseen and len(lay) > 1 and seg.inner == seg.outer == 1 and seg.within is None:
+                    g.sites.append(Site(node.name, axis, start=offset, size=seg.size))
+                    if len(g.sites) >= SEGMENT_SITES:
+                        unseen.discard(seg.group)
+                offset += seg.numel
+
+
 def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> GroupSpec:
     param_layouts = {n: [_resolve(ctx, lay) for lay in lays] for n, lays in ctx.param_layouts.items()}
     node_layouts = {name: _resolve_value(ctx, v) for name, v in ctx.values.items()}
@@ -204,6 +226,7 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
                   and seg.inner == groups[seg.within].size):
                 owner.sites.append(Site(node.name, axis, seg.within))
     _drop_repeated_within_sites(gm, groups)
+    _add_segment_sites(gm, groups, node_layouts)
     # Frozen reasons worth reporting: limitations, not axes that can never be permuted.
     limitations = list(dict.fromkeys(frozen_reasons))
     for g in groups.values():

@@ -111,3 +111,28 @@ def slice_layout(layout: Layout, start: int, stop: int) -> Layout | None:
             return None
         offset = end
     return tuple(out) if layout_numel(tuple(out)) == stop - start else None
+
+
+def boundaries(layout: Layout) -> list[int]:
+    """Offsets where the segments of `layout` end (the last one, its size, included)."""
+    out, offset = [], 0
+    for seg in layout:
+        offset += seg.numel
+        out.append(offset)
+    return out
+
+
+def first_cut(layout: Layout, offsets) -> tuple[Segment, list[int]] | None:
+    """The first segment of `layout` that an offset falls strictly inside, and the unit counts
+    of its two pieces; None when every offset is a segment boundary. An offset inside a unit,
+    or inside a repeated segment, gives no pieces: the partition then fails."""
+    offset = 0
+    for seg in layout:
+        inside = sorted(c for c in offsets if offset < c < offset + seg.numel)
+        if inside:
+            c = inside[0] - offset
+            if seg.outer != 1 or c % seg.inner:
+                return seg, []
+            return seg, [c // seg.inner, seg.size - c // seg.inner]
+        offset += seg.numel
+    return None

@@ -68,23 +68,26 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
         return
     if xa.dim() == 3:  # conv1d: a conv2d of height 1
         xa, xb = xa.unsqueeze(2), xb.unsqueeze(2)
-    out_h, out_w = (conv_output_size(xa.shape[2 + i], node.kernel[i], node.stride[i], node.padding[i],
-                                     node.padding[i], node.dilation[i]) for i in range(2))
+    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in node.padding)  # (before, after) per axis
+    out_h, out_w = (conv_output_size(xa.shape[2 + i], node.kernel[i], node.stride[i], *pads[i], node.dilation[i])
+                    for i in range(2))
     if positions is None or positions >= out_h * out_w:
-        conv_patch_sums(xa, xb, node.kernel, node.stride, node.padding, node.dilation, out=acc)
+        conv_patch_sums(xa, xb, node.kernel, node.stride, pads, node.dilation, out=acc)
         return
     step = max(1, GRAM_CHUNK_ROWS // positions)
     for start in range(0, xa.shape[0], step):
         idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xa.device)
-        ca, cb = (_patches_at(node, x[start:start + step], idx, out_w) for x in (xa, xb))
+        ca, cb = (_patches_at(node, x[start:start + step], pads, idx, out_w) for x in (xa, xb))
         accumulate_rows(acc, ca.transpose(0, 1).reshape(ca.shape[1], -1), cb.transpose(0, 1).reshape(cb.shape[1], -1))
 
 
-def _patches_at(node: WeightNode, x: torch.Tensor, idx: torch.Tensor, out_w: int) -> torch.Tensor:
+def _patches_at(node: WeightNode, x: torch.Tensor, pads, idx: torch.Tensor, out_w: int) -> torch.Tensor:
     """im2col columns at the output positions ``idx`` only: (n, C*kh*kw, len(idx)), ordered as
-    F.unfold orders them, gathered without unfolding the whole map."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = node.kernel, node.stride, node.padding, node.dilation
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    F.unfold orders them, gathered without unfolding the whole map. `pads`: ((top, bottom),
+    (left, right)) zero padding."""
+    (kh, kw), (sh, sw), (dh, dw) = node.kernel, node.stride, node.dilation
+    (pt, pb), (pl, pr) = pads
+    xp = F.pad(x, (pl, pr, pt, pb)) if pt or pb or pl or pr else x
     oy, ox = idx // out_w, idx % out_w
     ky = torch.arange(kh, device=x.device).repeat_interleave(kw)
     kx = torch.arange(kw, device=x.device).repeat(kh)
@@ -166,6 +169,8 @@ class _Collector:
 
     def site_values(self, site: Site, za: torch.Tensor, zb: torch.Tensor) -> None:
         axis = site.axis
+        if site.start is not None:  # one segment of the axis
+            za, zb = za.narrow(axis, site.start, site.size), zb.narrow(axis, site.start, site.size)
         if site.within_axis is not None:  # units x within entries, as one axis
             za, zb = (z.movedim((site.axis, site.within_axis), (-2, -1)).flatten(-2) for z in (za, zb))
             axis = -1

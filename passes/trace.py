@@ -18,6 +18,7 @@ from pleas_fx.core.errors import ArchitectureMismatchError, TraceError, WeightEr
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
+from pleas_fx.passes.ops import module_spec
 
 
 @dataclass
@@ -27,8 +28,49 @@ class TracedPair:
     example_args: tuple
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with every module whose class has an op spec kept as one op (a leaf):
+    pleas_fx knows what it computes (timm's BatchNormAct2d, Conv2dSame, a user's registered
+    layer), so it need not be traced through. `extra_leaves`: more leaf classes (timm's own
+    no-trace list, for the retry after a failed trace)."""
+
+    def __init__(self, extra_leaves: tuple = (), autowrap: tuple = ()):
+        super().__init__(autowrap_functions=autowrap)
+        self.extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.extra_leaves) or (module_spec(m) is not None and not isinstance(m, torch.nn.Sequential)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _timm_no_trace() -> tuple[tuple, tuple]:
+    """timm's own lists of modules and functions to keep whole when tracing (empty without timm)."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except Exception:  # timm missing or too old
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
+    """Trace with op-spec leaves; if that fails, once more with timm's no-trace modules and
+    functions kept whole too (opaque ops are then frozen, rather than the model refused)."""
+    try:
+        return fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
+    except Exception as first:
+        modules, functions = _timm_no_trace()
+        if not modules and not functions:
+            raise
+        try:
+            return fx.GraphModule(model, _Tracer(modules, functions).trace(model), model.__class__.__name__)
+        except Exception:
+            raise first from None
+
+
 def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
-    """A traced, eval-mode deep copy of `model`, with opaque attention modules lowered to
+    """A traced, eval-mode deep copy of `model` (traced in eval mode: code that branches on
+    `self.training` takes its inference path), with opaque attention modules lowered to
     primitive ops (passes/lower.py)."""
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
@@ -36,7 +78,7 @@ def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
         if not isinstance(model, torch.nn.Module):
             raise TraceError(f"{label} is a {type(model).__name__}, not a torch.nn.Module")
         try:
-            gm = fx.symbolic_trace(copy.deepcopy(model))
+            gm = _symbolic_trace(copy.deepcopy(model).eval())
         except Exception as exc:  # torch.fx raises many kinds here
             raise TraceError(
                 f"{label} ({type(model).__name__}) could not be traced by torch.fx: "

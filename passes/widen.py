@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from pleas_fx.core.fxutil import getattr_path, node_shape
 from pleas_fx.core.ir import GroupSpec, merged_axis_size
-from pleas_fx.passes.ops import lookup_op
+from pleas_fx.passes.ops import Resizing, lookup_op
 
 
 def _new_sizes(value, widths, frozen):
@@ -60,6 +60,19 @@ def widen(gm: fx.GraphModule, spec: GroupSpec, widths: dict[int, int]) -> fx.Gra
         if not isinstance(axis, int) or old is None or new is None or isinstance(old, list) or not -len(old) <= axis < len(old):
             return True
         return old[axis] != new[axis]
+
+    def new_offset(tensor: fx.Node, axis: int, offset: int) -> int | None:
+        """Where entry `offset` of `tensor`'s axis (a segment boundary) is in the merged model."""
+        value = spec.node_layouts.get(tensor.name)
+        if not value or isinstance(value[0], list) or not -len(value) <= axis < len(value):
+            return None
+        old_at, new_at = 0, 0
+        for seg in value[axis]:
+            if old_at == offset:
+                return new_at
+            old_at += seg.numel
+            new_at += merged_axis_size((seg,), widths, frozen)
+        return new_at if old_at == offset else None
     done_modules: set[str] = set()
     for node in merged.graph.nodes:
         op = lookup_op(node, merged)
@@ -74,6 +87,6 @@ def widen(gm: fx.GraphModule, spec: GroupSpec, widths: dict[int, int]) -> fx.Gra
             continue
         old, new = node_shape(node), new_shapes.get(node.name)
         if op.rewrite is not None and old is not None and new is not None:
-            op.rewrite(node, old, new, resized)
+            op.rewrite(node, Resizing(old, new, resized, new_offset))
     merged.recompile()
     return merged

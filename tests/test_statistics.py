@@ -31,7 +31,8 @@ def test_gathered_patches_equal_unfold(kh, kw, stride, padding, dilation, h, w, 
     full = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
     idx = torch.randperm(full.shape[2], generator=gen)[: max(1, full.shape[2] // 2)]
-    assert torch.equal(_patches_at(node, x, idx, out_w), full[:, :, idx])
+    pads = ((padding, padding), (padding, padding))
+    assert torch.equal(_patches_at(node, x, pads, idx, out_w), full[:, :, idx])
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

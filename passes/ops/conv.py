@@ -69,11 +69,11 @@ def conv_module_resize(module: nn.modules.conv._ConvNd, input_shape) -> None:
         module.in_channels = module.weight.shape[1] * module.groups
 
 
-def conv_function_rewrite(node: fx.Node, old, new, resized) -> None:
+def conv_function_rewrite(node: fx.Node, r) -> None:
     """A functional depthwise convolution takes groups = its (merged) channel count."""
     groups = arg(node, 6, "groups", 1)
-    if isinstance(groups, int) and groups > 1 and groups == old[1] and new[1] != old[1]:
-        set_arg(node, 6, "groups", new[1])
+    if isinstance(groups, int) and groups > 1 and groups == r.old[1] and r.new[1] != r.old[1]:
+        set_arg(node, 6, "groups", r.new[1])
 
 
 def _tuple(v, n):

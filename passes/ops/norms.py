@@ -75,10 +75,10 @@ def layernorm_function(ctx, node):
     return list(x)
 
 
-def layernorm_function_rewrite(node: fx.Node, old, new, resized) -> None:
+def layernorm_function_rewrite(node: fx.Node, r) -> None:
     shape_arg = arg(node, 1, "normalized_shape")
     k = len(shape_arg) if isinstance(shape_arg, (list, tuple)) else 1
-    set_arg(node, 1, "normalized_shape", tuple(new[-k:]))
+    set_arg(node, 1, "normalized_shape", tuple(r.new[-k:]))
 
 
 def group_units(ctx, layout, groups: int, what: str):
@@ -128,10 +128,10 @@ def groupnorm_function(ctx, node):
     return list(x)
 
 
-def groupnorm_function_rewrite(node: fx.Node, old, new, resized) -> None:
+def groupnorm_function_rewrite(node: fx.Node, r) -> None:
     groups = arg(node, 1, "num_groups")
-    if new[1] != old[1]:
-        set_arg(node, 1, "num_groups", new[1] // (old[1] // groups))
+    if r.new[1] != r.old[1]:
+        set_arg(node, 1, "num_groups", r.new[1] // (r.old[1] // groups))
 
 
 def _link_channel_params(ctx, node, channel, positions) -> None:

@@ -6,9 +6,8 @@ An `OpSpec` gathers what every pass needs to know about an op:
   of the node's output (one per dim; a list of those for tuple outputs; None for non-tensors).
 - `resize(module, input_shape)` (widen, module ops): re-derive the module's width attributes
   (in_channels, out_features, num_features, normalized_shape, ...) from its resized tensors.
-- `rewrite(node, old_shape, new_shape, resized)` (widen): rewrite shape constants in the
-  node's arguments (reshape sizes, split sections, layer_norm shapes) for the merged widths
-  (`resized(tensor_node, axis)`: whether the merge changes the size of that axis).
+- `rewrite(node, resizing)` (widen): rewrite shape constants in the node's arguments (reshape
+  sizes, split sections, slice bounds, layer_norm shapes) for the merged widths (`Resizing`).
 - `weight(node, gm) -> WeightNode | None` (fill, statistics, footprint): the weight tensor the
   node applies to its input and how the fill pass writes it (solved by least squares, or
   mapped, with the reason); multiply-accumulates are counted from it.
@@ -43,12 +42,24 @@ Handler = Callable[[Any, fx.Node], Any]
 
 
 @dataclass(frozen=True)
+class Resizing:
+    """What the widen pass tells an op's `rewrite` about one node: its output shape before and
+    after the merge, whether the merge changes the size of an axis of any tensor node, and where
+    an entry offset of a tensor node's axis (at a segment boundary) lands in the merged model."""
+
+    old: Any
+    new: Any
+    resized: Callable[[fx.Node, int], bool]
+    new_offset: Callable[[fx.Node, int, int], "int | None"]
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """What every pass knows about one op (see the module docstring); only `infer` is required."""
 
     infer: Handler
     resize: Callable[[torch.nn.Module, Any], None] | None = None
-    rewrite: Callable[[fx.Node, Any, Any, Any], None] | None = None
+    rewrite: Callable[[fx.Node, Resizing], None] | None = None
     weight: Callable[[fx.Node, fx.GraphModule], WeightNode | None] | None = None
     norm: Callable[[fx.Node, fx.GraphModule], NormNode | None] | None = None
 

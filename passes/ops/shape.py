@@ -163,8 +163,9 @@ def rewrite_sizes(sizes: list, old: list[int], new: list[int], resized) -> list:
     return out
 
 
-def reshape_rewrite(node: fx.Node, old, new, resized) -> None:
+def reshape_rewrite(node: fx.Node, r) -> None:
     """view/reshape/expand sizes for the merged widths."""
+    old, new, resized = r.old, r.new, r.resized
     if isinstance(old, list):
         return
     if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
@@ -177,13 +178,13 @@ def reshape_rewrite(node: fx.Node, old, new, resized) -> None:
         set_arg(node, 1, "shape", type(shape)(rewrite_sizes(list(shape), list(old), new, resized)))
 
 
-def unflatten_rewrite(node: fx.Node, old, new, resized) -> None:
+def unflatten_rewrite(node: fx.Node, r) -> None:
     """unflatten(dim, sizes): the new sizes of the unflattened axes."""
     dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
     if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
         return
-    dim %= len(old) - len(sizes) + 1
-    set_arg(node, 2, "sizes", type(sizes)(new[dim:dim + len(sizes)]))
+    dim %= len(r.old) - len(sizes) + 1
+    set_arg(node, 2, "sizes", type(sizes)(r.new[dim:dim + len(sizes)]))
 
 
 def permute(ctx, node):

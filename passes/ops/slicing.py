@@ -1,6 +1,6 @@
 """Concatenation, stacking, splitting and indexing: a concat makes an axis a sequence of
-segments from several groups; a split or slice that falls on segment boundaries keeps them
-(one that cuts a plain group partitions it into pieces first); anything else is frozen.
+segments from several groups; a split or slice keeps the segments it selects, partitioning
+first every group it cuts into pieces (at unit boundaries); anything else is frozen.
 
 Widening turns `chunk` into `split` with explicit sizes (widened pieces need not stay equal)
 and rewrites split sections.
@@ -12,6 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from pleas_fx.core.fxutil import node_shape
 from pleas_fx.core.ir import Layout
 from pleas_fx.passes.layout_ops import TupleLayouts, slice_layout
 from pleas_fx.passes.ops.common import arg, set_arg, unknown
@@ -57,6 +58,10 @@ def split(ctx, node):
     dim = arg(node, 2 if method != "unbind" else 1, "dim", 0)
     dim %= len(x)
     pieces = []
+    if method != "unbind" and not ctx.is_frozen(x[dim]):  # pieces cut a group: split it into pieces first
+        ends = [sum(shp[dim] for shp in shapes[:i + 1]) for i in range(len(shapes))]
+        if ctx.split_at(x[dim], ends) is not None:
+            x = ctx.rewritten(x)
     start = 0
     for shp in shapes:
         if method == "unbind":
@@ -67,9 +72,6 @@ def split(ctx, node):
             continue
         stop = start + shp[dim]
         sub = slice_layout(x[dim], start, stop)
-        if sub is None and start == 0 and _partition_for_split(ctx, x[dim], [s[dim] for s in shapes]):
-            x = ctx.layouts(node.args[0])
-            sub = slice_layout(x[dim], start, stop)
         if sub is None:
             ctx.freeze(x[dim], ctx.reason("slicing", "split inside a permutable group"))
             sub = ctx.fresh(shp[dim], "constant")
@@ -78,28 +80,41 @@ def split(ctx, node):
     return TupleLayouts(pieces)
 
 
-def _partition_for_split(ctx, layout: Layout, pieces: list[int]) -> bool:
-    """A split cutting one permutable group (a fused qkv output into q, k and v): make each
-    piece a group of its own, so the split falls on segment boundaries."""
-    if len(layout) != 1 or ctx.is_frozen(layout) or len(pieces) < 2:
-        return False
-    seg = layout[0]
-    if seg.outer != 1 or any(n % seg.inner for n in pieces):
-        return False
-    return ctx.partition(seg.group, [n // seg.inner for n in pieces])
-
-
-def split_rewrite(node: fx.Node, old, new, resized) -> None:
+def split_rewrite(node: fx.Node, r) -> None:
     """Split sections (and chunk, which becomes a split: widened pieces need not stay equal)."""
-    if not isinstance(old, list):
+    if not isinstance(r.old, list):
         return
     name = node.target if isinstance(node.target, str) else node.target.__name__
     dim = arg(node, 2, "dim", 0)
     if name == "chunk":
         node.target = "split" if node.op == "call_method" else torch.split
-        node.args, node.kwargs = (node.args[0], [piece[dim] for piece in new], dim), {}
+        node.args, node.kwargs = (node.args[0], [piece[dim] for piece in r.new], dim), {}
     elif name == "split" and isinstance(arg(node, 1, "split_size_or_sections"), (list, tuple)):
-        set_arg(node, 1, "split_size_or_sections", [piece[dim] for piece in new])
+        set_arg(node, 1, "split_size_or_sections", [piece[dim] for piece in r.new])
+
+
+def getitem_rewrite(node: fx.Node, r) -> None:
+    """Slice bounds on a tensor axis move to where the selected segments are in the merged
+    model (a slice selects whole segments: inference partitioned what it cut)."""
+    src, index = node.args
+    in_shape = node_shape(src) if isinstance(src, fx.Node) else None
+    if in_shape is None or isinstance(in_shape, list) or isinstance(r.old, list):
+        return  # tuple indexing, or a tensor indexed into a tuple
+    items = index if isinstance(index, tuple) else (index,)
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out, dim = [], 0
+    for item in items:
+        if item is Ellipsis:
+            dim += len(in_shape) - n_real
+        elif item is not None:
+            if isinstance(item, slice) and item.step in (None, 1) and r.resized(src, dim):
+                start, stop, _ = item.indices(in_shape[dim])
+                new_start, new_stop = r.new_offset(src, dim, start), r.new_offset(src, dim, stop)
+                if new_start is not None and new_stop is not None:
+                    item = slice(new_start, new_stop, item.step)
+            dim += 1
+        out.append(item)
+    node.args = (src, tuple(out) if isinstance(index, tuple) else out[0])
 
 
 def getitem(ctx, node):
@@ -135,6 +150,8 @@ def _index_tensor(ctx, node, x, index):
             if (start, stop, step) == (0, in_shape[dim], 1):
                 out.append(x[dim])
             else:
+                if step == 1 and not ctx.is_frozen(x[dim]) and ctx.split_at(x[dim], [start, stop]) is not None:
+                    x = ctx.rewritten(x)
                 sub = slice_layout(x[dim], start, stop) if step == 1 else None
                 if sub is None:
                     ctx.freeze(x[dim], ctx.reason("slicing", "slicing inside a permutable group"))
@@ -153,4 +170,4 @@ register_op(torch.cat, torch.concat, torch.concatenate, spec=OpSpec(infer=cat))
 register_op(torch.stack, spec=OpSpec(infer=stack))
 register_op("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind, "tensor_split", torch.tensor_split,
             spec=OpSpec(infer=split, rewrite=split_rewrite))
-register_op(operator.getitem, spec=OpSpec(infer=getitem))
+register_op(operator.getitem, spec=OpSpec(infer=getitem, rewrite=getitem_rewrite))

@@ -69,7 +69,9 @@ class Site:
 
     A site with `within` set measures a group's units together with their within-group entries
     (d units x w entries, unit-major): either `axis` is one segment of the group carrying
-    `within` (inner = w), or `axis` holds the units and `within_axis` the w entries."""
+    `within` (inner = w), or `axis` holds the units and `within_axis` the w entries. A site with
+    `start` set measures entries [start, start + size) of the axis: one plain segment of an axis
+    made of several (a concat's piece), for groups seen nowhere else."""
 
     node: str
     axis: int
@@ -78,10 +80,14 @@ class Site:
     # a units-only site on a tensor that also holds the units' within entries: its unit costs
     # compare entry r with entry r, so matching that aligns entries leaves it out
     unaligned: bool = False
+    start: int | None = None
+    size: int | None = None
 
     @property
     def key(self) -> tuple:
         """The key of this site's moments in the statistics."""
+        if self.start is not None:
+            return (self.node, self.axis, "segment", self.start)
         return (self.node, self.axis) if self.within_axis is None else (self.node, self.axis, self.within_axis)
 
 
@@ -355,7 +361,7 @@ class WeightNode:
     kind: str
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
+    padding: tuple = ()  # per axis: an int (both sides), or (before, after)
     dilation: tuple[int, ...] = ()
     note: str | None = None
     norm: NormNode | None = None
