@@ -282,11 +282,20 @@ class InferenceContext:
         roles = roles or ["out"] * len(layouts)
         if name in self.param_layouts:
             old = self.param_layouts[name]
-            layouts = [self.unify(o, n) for o, n in zip(old, layouts)]
+            layouts = [n if self._broadcast_axis(o) else self.unify(o, n) for o, n in zip(old, layouts)]
             roles = [("in" if "in" in (r0, r1) else "out") for r0, r1 in zip(self.param_roles[name], roles)]
         self.param_layouts[name] = list(layouts)
         self.param_roles[name] = list(roles)
         return layouts
+
+    def _broadcast_axis(self, layout: Layout) -> bool:
+        """A parameter's size-1 axis as get_attr first declared it (frozen: it could only
+        broadcast) and never linked since: an op that then uses the parameter as a per-feature
+        vector (a one-channel norm's statistics) re-declares the axis instead of linking it."""
+        if len(layout) != 1 or layout[0].size != 1:
+            return False
+        root = self.uf.find(layout[0].group)
+        return self.uf.members[root] == 1 and [r.kind for r in self.uf.reasons.get(root, [])] == ["size-1"]
 
     def set_role(self, arg: Any, axis: int, role: str) -> None:
         """Mark an axis of a get_attr argument as contracted ("in") or feature ("out")."""

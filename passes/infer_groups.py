@@ -53,7 +53,8 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
             value = getattr_path(gm, node.target)
             if torch.is_tensor(value):
                 known = ctx.param_layouts.get(node.target)
-                # size-1 axes of a parameter only broadcast: never a feature axis
+                # size-1 axes of a parameter only broadcast (an op that uses it as a per-feature
+                # vector re-declares them: InferenceContext.param)
                 fresh = [ctx.fresh(n, "size-1" if n == 1 else None) for n in value.shape]
                 out = known or ctx.param(node.target, fresh)
                 out = list(out)

@@ -95,9 +95,19 @@ def match(matching: str, spec: GroupSpec, stats: Statistics | None, gm_a: fx.Gra
     raise PleasError(f"unknown matching {matching!r}")
 
 
-def plans_for(spec: GroupSpec, m: Matching, widths: dict[int, int]) -> dict[int, GroupPlan]:
-    """Every mergeable group's plan at the given widths (2d - width merges each)."""
+FROZEN_POLICIES = ("average", "model_a")
+
+
+def plans_for(spec: GroupSpec, m: Matching, widths: dict[int, int], frozen: str = "model_a") -> dict[int, GroupPlan]:
+    """Every mergeable group's plan at the given widths (2d - width merges each). `frozen`: what
+    a hidden group frozen for a limitation gets: "average" (feature i of A with feature i of B,
+    unaligned) or "model_a" (A's features; least squares downstream fits both models' targets).
+    Structural frozen groups (inputs, outputs, ...) always average."""
     plans = {}
+    if frozen == "model_a":
+        for g in spec.groups.values():
+            if g.frozen and g.parent is None and g.reasons and not any(r.structural for r in g.reasons):
+                plans[g.id] = GroupPlan.identity(g.size, share_a=1.0)
     for g in spec.mergeable():
         merges = 2 * g.size - widths[g.id]
         if m.pairs is not None:

@@ -13,11 +13,13 @@ class UnionFind:
         self.frozen: list[bool] = []
         self.reasons: dict[int, list[FreezeReason]] = {}
         self.parents: dict[int, list[int]] = {}  # within variable -> the variables it permutes inside
+        self.members: list[int] = []  # per root: how many variables its class holds
 
     def new(self, size: int) -> int:
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.frozen.append(False)
+        self.members.append(1)
         return len(self.parent) - 1
 
     def find(self, v: int) -> int:
@@ -43,6 +45,7 @@ class UnionFind:
         if self.size[ra] != self.size[rb]:
             return False
         self.parent[rb] = ra
+        self.members[ra] += self.members[rb]
         self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
         self.reasons.setdefault(ra, []).extend(self.reasons.pop(rb, []))
         if rb in self.parents:

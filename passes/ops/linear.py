@@ -30,7 +30,9 @@ def linear_function(ctx, node):
     xl, wl = ctx.layouts(x), ctx.layouts(w)
     ctx.unify(wl[1], xl[-1])
     ctx.set_role(w, 1, "in")
-    if b is not None and ctx.is_tensor(b):
+    if is_attr(b) and b.target in ctx.param_layouts:
+        ctx.param(b.target, [wl[0]])
+    elif b is not None and ctx.is_tensor(b):
         ctx.unify(ctx.layouts(b)[0], wl[0])
     return [*xl[:-1], wl[0]]
 

@@ -67,6 +67,9 @@ def layernorm_function(ctx, node):
     shape = arg(node, 1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
     _normalised_axes(ctx, x, k, "layer_norm")
+    if k == 1:
+        _link_channel_params(ctx, node, x[-1], ((2, "weight"), (3, "bias")))
+        return list(x)
     for i, name in ((2, "weight"), (3, "bias")):
         p = arg(node, i, name)
         if ctx.is_tensor(p):
@@ -138,7 +141,9 @@ def _link_channel_params(ctx, node, channel, positions) -> None:
     """Per-channel tensors passed to a functional norm (parameters or buffers) share its channel axis."""
     for i, name in positions:
         p = arg(node, i, name)
-        if ctx.is_tensor(p):
+        if is_attr(p) and p.target in ctx.param_layouts:
+            ctx.param(p.target, [channel])
+        elif ctx.is_tensor(p):
             ctx.unify(ctx.layouts(p)[0], channel)
 
 

@@ -151,6 +151,9 @@ class GroupPlan:
     # within group id -> (size, w) array: B's unit j enters the merged model with its within
     # entries reordered, merged entry r reading B's entry within[W][j, r] (absent: identity)
     within: dict[int, np.ndarray] | None = None
+    # A's weight in the average of a merged pair (None: 1/2); 1 takes A's feature (a frozen
+    # axis whose features cannot be aligned: least squares downstream fits both models' targets)
+    share_a: float | None = None
 
     @property
     def width(self) -> int:
@@ -171,10 +174,10 @@ class GroupPlan:
         return int(np.sum(n >= 2))
 
     @staticmethod
-    def identity(size: int) -> "GroupPlan":
-        """Frozen group: feature i of A averaged with feature i of B."""
+    def identity(size: int, share_a: float | None = None) -> "GroupPlan":
+        """Frozen group: feature i of A averaged with feature i of B (A's weight `share_a`)."""
         idx = np.arange(size)
-        return GroupPlan(size, idx, idx.copy())
+        return GroupPlan(size, idx, idx.copy(), share_a=share_a)
 
     @staticmethod
     def apart(size: int) -> "GroupPlan":
@@ -234,6 +237,7 @@ class AxisMap:
     frozen: bool
     idx_a2: np.ndarray | None = None
     idx_b2: np.ndarray | None = None
+    share_a: np.ndarray | None = None  # per entry: A's weight where both sides feed it (None: 1/2)
 
     @property
     def size(self) -> int:
@@ -254,7 +258,11 @@ class AxisMap:
         """The averaging weights (rows of M): 1/2 for merged pairs, 1 for a kept feature
         (for ZipIt!-style maps: the first source of each side; see `terms`)."""
         n = self._sources()
-        return (self.idx_a >= 0) / n, (self.idx_b >= 0) / n
+        w_a, w_b = (self.idx_a >= 0) / n, (self.idx_b >= 0) / n
+        if self.share_a is not None:
+            both = (self.idx_a >= 0) & (self.idx_b >= 0)
+            w_a, w_b = np.where(both, self.share_a, w_a), np.where(both, 1.0 - self.share_a, w_b)
+        return w_a, w_b
 
     def presence(self) -> tuple[np.ndarray, np.ndarray]:
         """Which side feeds each merged entry (rows of U transposed: copies, weight 1)."""
@@ -264,10 +272,10 @@ class AxisMap:
         """For side 0 (A) or 1 (B): every (index, M weight, U weight) source array of that side."""
         n = self._sources()
         out = []
-        for idx in ((self.idx_a, self.idx_a2) if side == 0 else (self.idx_b, self.idx_b2)):
+        for k, idx in enumerate((self.idx_a, self.idx_a2) if side == 0 else (self.idx_b, self.idx_b2)):
             if idx is not None:
                 has = (idx >= 0).astype(np.float64)
-                out.append((idx, has / n, has))
+                out.append((idx, self.weights()[side] if k == 0 and self.pairwise else has / n, has))
         return out
 
 
@@ -275,10 +283,14 @@ def axis_map(layout: Layout, plans: dict[int, GroupPlan], frozen: set[int], inne
     """Expand the group plans onto an axis with `layout` (each entry further split into
     `inner` consecutive sub-entries, e.g. a conv kernel's k*k taps in im2col order)."""
     parts: list[list[np.ndarray]] = [[], [], [], []]
+    shares: list[np.ndarray] = []
     offset = 0
     second = False
     for seg in layout:
-        plan = GroupPlan.identity(seg.size) if seg.group in frozen else plans[seg.group]
+        if seg.group in frozen:  # a frozen group may have a plan (A's features taken), else identity
+            plan = plans.get(seg.group) or GroupPlan.identity(seg.size)
+        else:
+            plan = plans[seg.group]
         sub = seg.inner * inner
         o = np.arange(seg.outer)[:, None, None] * (seg.size * sub)
         r = np.arange(sub)[None, None, :]
@@ -296,12 +308,14 @@ def axis_map(layout: Layout, plans: dict[int, GroupPlan], frozen: set[int], inne
 
         for k, src in enumerate((plan.src_a, plan.src_b, plan.src_a2, plan.src_b2)):
             parts[k].append(expand(src, sigma if k == 1 else None))
+        shares.append(np.full(parts[0][-1].shape, 0.5 if plan.share_a is None else plan.share_a))
         second = second or not plan.pairwise
         offset += seg.numel * inner
     is_frozen = all(seg.group in frozen for seg in layout)
     cat = lambda p: (np.concatenate(p) if p else np.zeros(0, dtype=np.int64)).astype(np.int64)
+    share = np.concatenate(shares) if shares and any((s != 0.5).any() for s in shares) else None
     if not second:
-        return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen)
+        return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen, share_a=share)
     return AxisMap(cat(parts[0]), cat(parts[1]), is_frozen, cat(parts[2]), cat(parts[3]))
 
 

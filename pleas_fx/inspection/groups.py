@@ -24,21 +24,10 @@ from pleas_fx.inspection.report import (
     WithinEntry,
 )
 from pleas_fx.passes.infer_context import tensor_layouts
+from pleas_fx.passes.frozen import is_hidden, non_float_tensors
 from pleas_fx.passes.infer_groups import infer_groups
 from pleas_fx.passes.trace import propagate_shapes, trace_model
 from pleas_fx.passes.verify import permute_model, random_permutations, relative_error
-
-
-def is_hidden(group: Group, non_float: frozenset[str] | set[str] = frozenset()) -> bool:
-    """Whether a group is hidden units a merge could act on: it carries at least one axis
-    of a floating-point parameter or buffer (an integer tensor such as an attention's
-    relative-position index, named in `non_float`, is never a feature) and, if frozen, no
-    structural reason saying it could never be permuted (network input/output, batch, spatial,
-    kernel, ...: FreezeReason.structural). A frozen axis that touches no parameter (e.g. the
-    spatial axes after an op without a handler) is not one."""
-    if not any(p.name not in non_float for p in group.params):
-        return False
-    return not group.frozen or not any(r.structural for r in group.reasons)
 
 
 def _segment_text(layout: Layout, gid: int) -> str:
@@ -75,19 +64,6 @@ def _structure(size: int, layouts: list[Layout], gid: int) -> str:
     if concat:
         tags.append("concat segment")
     return " + ".join(tags) or "plain"
-
-
-def non_float_tensors(gm: torch.nn.Module, spec: GroupSpec) -> set[str]:
-    """Names in `spec.param_layouts` whose tensor in `gm` is not floating point."""
-    out = set()
-    for name in spec.param_layouts:
-        try:
-            value = getattr_path(gm, name)
-        except AttributeError:
-            continue
-        if torch.is_tensor(value) and not value.is_floating_point():
-            out.add(name)
-    return out
 
 
 def report_from_spec(spec: GroupSpec, model: str = "model", input_shapes: Sequence[Sequence[int]] = (),
