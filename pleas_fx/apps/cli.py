@@ -377,6 +377,12 @@ def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
         a = evaluation["accuracy"]
         lines.append(f"  model A {a['model_a']:.1f}%, model B {a['model_b']:.1f}%, ensemble {a['ensemble']:.1f}% "
                      f"on {evaluation['samples']} samples; plot: {out / 'accuracy.png'}")
+    frozen = merged[0].meta.get("pleas_fx", {}).get("frozen_hidden", {}) if merged else {}
+    if frozen.get("frozen_units"):
+        reasons = ", ".join(sorted(frozen["by_reason"], key=lambda r: -frozen["by_reason"][r])[:2])
+        lines.append(f"  frozen: {frozen['frozen_units']} of {frozen['hidden_units']} hidden units "
+                     f"({100 * frozen['frozen_share']:.1f}%) could not be aligned ({reasons}); "
+                     f"see `{PROG} inspect {args.model}`")
     lines.append(f"  report: {out / 'report.json'}")
     print("\n".join(lines))
 
