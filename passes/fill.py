@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from pleas_fx.core.errors import InternalError, PleasError
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import getattr_path, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.statistics import Statistics
@@ -40,7 +40,7 @@ class _Filler:
         return axis_map(self.spec.param_layouts[name][axis], self.plans, self.frozen, inner)
 
     def source(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr_path(self.gm_a, name).detach(), getattr_path(self.gm_b, name).detach()
+        return param_value(self.gm_a, self.spec, name).detach(), param_value(self.gm_b, self.spec, name).detach()
 
     def write(self, name: str, value: torch.Tensor) -> None:
         target = getattr_path(self.merged, name)

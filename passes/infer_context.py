@@ -27,6 +27,8 @@ class InferenceContext:
         self.param_roles: dict[str, list[str]] = {}
         self.node: fx.Node | None = None
         self._rewrites: list = []  # refinements and splits made while inferring the current node
+        self.aliases = _aliases(gm)  # a tied tensor's other names -> its first name
+        self.broadcast_axes: set[tuple[str, int]] = set()  # (parameter, axis): one entry per feature
 
     # -- reading
     def layouts(self, arg: Any) -> Any:
@@ -278,15 +280,31 @@ class InferenceContext:
             yield from lays
 
     def param(self, name: str, layouts: list[Layout], roles: list[str] | None = None) -> list[Layout]:
-        """Declare a parameter's (or buffer's) axes; a second declaration unifies with the first."""
+        """Declare a parameter's (or buffer's) axes; a second declaration unifies with the first
+        (a tied tensor is declared under its first name). A size-1 axis first declared as a mere
+        broadcast is re-declared instead: as a one-entry feature axis, or, when the new layout is
+        longer, as one entry per feature of it (a shared slope or scale: `broadcast_axes`)."""
+        name = self.canonical(name)
         roles = roles or ["out"] * len(layouts)
         if name in self.param_layouts:
             old = self.param_layouts[name]
-            layouts = [n if self._broadcast_axis(o) else self.unify(o, n) for o, n in zip(old, layouts)]
+            merged = []
+            for axis, (o, n) in enumerate(zip(old, layouts)):
+                if self._broadcast_axis(o):
+                    merged.append(n)
+                    if layout_numel(n) != 1:
+                        self.broadcast_axes.add((name, axis))
+                else:
+                    merged.append(self.unify(o, n))
+            layouts = merged
             roles = [("in" if "in" in (r0, r1) else "out") for r0, r1 in zip(self.param_roles[name], roles)]
         self.param_layouts[name] = list(layouts)
         self.param_roles[name] = list(roles)
         return layouts
+
+    def canonical(self, name: str) -> str:
+        """The name a tensor is declared under (the first of a tied tensor's names)."""
+        return self.aliases.get(name, name)
 
     def _broadcast_axis(self, layout: Layout) -> bool:
         """A parameter's size-1 axis as get_attr first declared it (frozen: it could only
@@ -299,8 +317,8 @@ class InferenceContext:
 
     def set_role(self, arg: Any, axis: int, role: str) -> None:
         """Mark an axis of a get_attr argument as contracted ("in") or feature ("out")."""
-        if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target in self.param_roles:
-            self.param_roles[arg.target][axis] = role
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and self.canonical(arg.target) in self.param_roles:
+            self.param_roles[self.canonical(arg.target)][axis] = role
 
     def module_params(self, node: fx.Node | None = None) -> dict[str, torch.Tensor]:
         """Qualified name -> tensor for the direct parameters and buffers of a module node."""
@@ -330,3 +348,16 @@ def freeze_unknown(ctx: InferenceContext, node: fx.Node, reason: FreezeReason | 
         for name, tensor in ctx.module_params(node).items():
             ctx.param(name, [ctx.fresh(n, reason) for n in tensor.shape])
     return ctx.fresh_like(ctx.shape(), reason)
+
+
+def _aliases(gm: fx.GraphModule) -> dict[str, str]:
+    """Every other name of a tensor registered under several names (tied weights) -> its first."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if t is None:
+            continue
+        if id(t) in first and first[id(t)] != name:
+            out[name] = first[id(t)]
+        first.setdefault(id(t), name)
+    return out

@@ -52,7 +52,7 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
         elif node.op == "get_attr":
             value = getattr_path(gm, node.target)
             if torch.is_tensor(value):
-                known = ctx.param_layouts.get(node.target)
+                known = ctx.param_layouts.get(ctx.canonical(node.target))
                 # size-1 axes of a parameter only broadcast (an op that uses it as a per-feature
                 # vector re-declares them: InferenceContext.param)
                 fresh = [ctx.fresh(n, "size-1" if n == 1 else None) for n in value.shape]
@@ -235,4 +235,5 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
             for r in g.reasons:
                 if not r.structural and r not in limitations:
                     limitations.append(r)
-    return GroupSpec(groups, param_layouts, {n: list(r) for n, r in ctx.param_roles.items()}, node_layouts, limitations)
+    return GroupSpec(groups, param_layouts, {n: list(r) for n, r in ctx.param_roles.items()}, node_layouts, limitations,
+                     dict(ctx.aliases), set(ctx.broadcast_axes))

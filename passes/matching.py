@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from pleas_fx.core.errors import PleasError
 from pleas_fx.core.ir import GroupPlan, GroupSpec, ParamAxis, axis_map
 from pleas_fx.passes.statistics import Statistics
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import getattr_path, param_value
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,34 @@ def activation_costs(spec: GroupSpec, stats: Statistics, align: bool = True) -> 
     return out
 
 
-def activation_matching(spec: GroupSpec, stats: Statistics) -> Matching:
+TIE_BREAK = 1e-6  # weight of the weight signatures against the activation costs
+
+
+def weight_signature_costs(spec: GroupSpec, gm_a: fx.GraphModule, gm_b: fx.GraphModule, group) -> np.ndarray | None:
+    """Per unit pair (i of A, j of B), the normalised squared distance between the units'
+    sorted weight entries over every parameter axis of the group. Sorting makes it blind to
+    how the other axes are permuted, so in a permuted copy the true pairs score 0; it tells
+    apart units the calibration data never does (units dead on every sample)."""
+    sig_a, sig_b = [], []
+    for member in group.params:
+        ta = param_value(gm_a, spec, member.name)
+        if not (torch.is_tensor(ta) and ta.is_floating_point() and ta.numel()):
+            continue
+        tb = param_value(gm_b, spec, member.name)
+        sig_a.append(_unit_matrix(ta.detach().double(), member, group.id).sort(1).values)
+        sig_b.append(_unit_matrix(tb.detach().double(), member, group.id).sort(1).values)
+    if not sig_a:
+        return None
+    a, b = torch.cat(sig_a, 1), torch.cat(sig_b, 1)
+    d = torch.cdist(a, b) ** 2
+    return (d / max(float(0.5 * ((a * a).sum(1).mean() + (b * b).sum(1).mean())), 1e-30)).cpu().numpy()
+
+
+def activation_matching(spec: GroupSpec, stats: Statistics, gm_a: fx.GraphModule | None = None,
+                        gm_b: fx.GraphModule | None = None) -> Matching:
     """Linear assignment on summed E[(z_A,i - z_B,j)^2] over each group's activation sites;
-    within groups take the entry order of each matched unit pair."""
+    within groups take the entry order of each matched unit pair. With the models given, ties
+    (units the data cannot tell apart) are broken by the units' weight signatures."""
     perm, pair_cost, unmatched, within = {}, {}, [], {}
     costs = activation_costs(spec, stats)
     for g in spec.mergeable():
@@ -127,7 +152,11 @@ def activation_matching(spec: GroupSpec, stats: Statistics) -> Matching:
             unmatched.append(g.id)
             perm[g.id], pair_cost[g.id] = np.arange(g.size), np.zeros(g.size)
             continue
-        rows, cols = linear_sum_assignment(gc.cost)
+        cost = gc.cost
+        signature = weight_signature_costs(spec, gm_a, gm_b, g) if gm_a is not None else None
+        if signature is not None:
+            cost = cost + TIE_BREAK * max(float(np.abs(cost).mean()), 1e-12) * signature
+        rows, cols = linear_sum_assignment(cost)
         perm[g.id] = cols[np.argsort(rows)]
         pair_cost[g.id] = gc.cost[np.arange(g.size), perm[g.id]]
         if gc.order:
@@ -250,9 +279,9 @@ def weight_matching(spec: GroupSpec, gm_a: fx.GraphModule, gm_b: fx.GraphModule,
     perm = {g.id: np.arange(g.size) for g in groups}
     frozen = spec.fixed()
     members = {g.id: [m for m in g.params if m.layout] for g in groups}
-    tensors_a = {n: getattr_path(gm_a, n).detach().double() for n in spec.param_layouts
+    tensors_a = {n: param_value(gm_a, spec, n).detach().double() for n in spec.param_layouts
                  if torch.is_tensor(getattr_path(gm_a, n)) and getattr_path(gm_a, n).is_floating_point()}
-    tensors_b = {n: getattr_path(gm_b, n).detach().double() for n in tensors_a}
+    tensors_b = {n: param_value(gm_b, spec, n).detach().double() for n in tensors_a}
 
     def permuted_b(name: str, skip_axis: int) -> torch.Tensor:
         t = tensors_b[name]

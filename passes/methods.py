@@ -85,7 +85,7 @@ def sites_to_measure(spec: GroupSpec, matching: str, has_data: bool) -> list[Sit
 def match(matching: str, spec: GroupSpec, stats: Statistics | None, gm_a: fx.GraphModule,
           gm_b: fx.GraphModule, seed: int = 0) -> Matching:
     if matching == "activation":
-        return activation_matching(spec, stats)
+        return activation_matching(spec, stats, gm_a, gm_b)
     if matching == "weight":
         return weight_matching(spec, gm_a, gm_b, seed=seed)
     if matching == "identity":

@@ -44,8 +44,8 @@ def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarr
                 continue
             new = tensor
             for axis, lay in enumerate(layouts):
-                if all(s.group in frozen for s in lay):
-                    continue
+                if all(s.group in frozen for s in lay) or (name, axis) in spec.broadcast_axes:
+                    continue  # (a broadcast entry is every feature's: it does not move)
                 idx = torch.as_tensor(axis_map(lay, plans, frozen).idx_b, device=tensor.device)
                 new = new.index_select(axis, idx)
             tensor.copy_(new)

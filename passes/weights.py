@@ -58,17 +58,37 @@ def norm_nodes(gm: fx.GraphModule) -> dict[str, NormNode]:
     return out
 
 
-def plan_weights(gm: fx.GraphModule, max_ls_dim: int) -> WeightPlan:
-    """The weight plan of `gm` (shape-propagated traced model A); see the module docstring."""
+def tensor_uses(gm: fx.GraphModule, aliases: dict[str, str]) -> Counter:
+    """How many graph nodes read each tensor (by its first name, tied tensors counted together):
+    module calls read their module's own tensors, get_attr nodes the one they name."""
+    uses: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                if t is not None:
+                    qualified = f"{node.target}.{n}"
+                    uses[aliases.get(qualified, qualified)] += 1
+        elif node.op == "get_attr":
+            uses[aliases.get(node.target, node.target)] += 1
+    return uses
+
+
+def plan_weights(gm: fx.GraphModule, max_ls_dim: int, aliases: dict[str, str] | None = None) -> WeightPlan:
+    """The weight plan of `gm` (shape-propagated traced model A); see the module docstring.
+    `aliases`: a tied tensor's other names -> its first (GroupSpec.aliases)."""
+    aliases = aliases or {}
     nodes = {n.name: n for n in gm.graph.nodes}
     norms = norm_nodes(gm)
-    found = weight_nodes(gm)
-    uses = Counter(w.weight for w in found)
+    found = [dataclasses.replace(w, weight=aliases.get(w.weight, w.weight),
+                                 bias=aliases.get(w.bias, w.bias) if w.bias else None) for w in weight_nodes(gm)]
+    uses = tensor_uses(gm, aliases)
     plan = WeightPlan()
     folded: set[str] = set()
     for w in found:
         if w.solved and uses[w.weight] > 1:
-            w = dataclasses.replace(w, kind="mapped", note="weight used by more than one node is mapped, not solved")
+            w = dataclasses.replace(w, kind="mapped", note="weight used by more than one node (a module called "
+                                                          "twice, or tied weights) is mapped, not solved")
         if w.solved:
             din = _input_features(gm, w)
             if 2 * din + 1 > max_ls_dim:

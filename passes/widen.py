@@ -32,7 +32,7 @@ def _replace_tensor(root: nn.Module, name: str, new: torch.Tensor) -> None:
     owner = root.get_submodule(owner_name) if owner_name else root
     if leaf in owner._parameters:
         old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+        owner._parameters[leaf] = new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=old.requires_grad)
     elif leaf in owner._buffers:
         owner._buffers[leaf] = new
     else:
@@ -51,6 +51,8 @@ def widen(gm: fx.GraphModule, spec: GroupSpec, widths: dict[int, int]) -> fx.Gra
             shape = [merged_axis_size(lay, widths, frozen) for lay in layouts]
             if list(tensor.shape) != shape:
                 _replace_tensor(merged, name, torch.zeros(shape, dtype=tensor.dtype, device=tensor.device))
+        for alias, name in spec.aliases.items():  # tied tensors stay tied
+            _replace_tensor(merged, alias, getattr_path(merged, name))
 
     new_shapes = {n: _new_sizes(v, widths, frozen) for n, v in spec.node_layouts.items()}
 

@@ -140,7 +140,7 @@ def merge(
         log.warning("%s. Frozen units can be neither aligned nor kept apart: %s. See `pleas-fx inspect` for "
                     "where.", frozen.sentence(), FROZEN_POLICY[opts.frozen])
     head = separate_heads(spec, traced.gm_a) if opts.heads == "separate" else None
-    weights = plan_weights(traced.gm_a, opts.max_ls_dim) if opts.method.solve != "mapped" else WeightPlan()
+    weights = plan_weights(traced.gm_a, opts.max_ls_dim, spec.aliases) if opts.method.solve != "mapped" else WeightPlan()
     data_in = calibration(opts, traced)
     with timer("statistics"):
         sites = methods.sites_to_measure(spec, opts.matching, opts.data is not None)

@@ -8,14 +8,9 @@ and a second merge is identical. A net passes when its outcome is "ok" or "refus
 documented PleasError at the front door, e.g. an untraceable net); "internal" (an unexpected
 exception) and "wrong" (a failed check) fail the test.
 
-Three kinds of test:
-  * test_fuzz_category: the full generator, ~25 nets over the categories. Categories that hit a
-    known bug are xfail(strict=True), so the run turns red when the bug is fixed; remove the
-    marker then.
-  * test_fuzz_category_known_bugs_avoided: the same generator with the configurations that
-    trigger the known bugs rewritten away (fuzz_nets.avoid_known_bugs): green in every category,
-    so a new bug in an xfailed category still shows.
-  * test_known_bug: the smallest campaign seed reproducing each known bug (strict xfail).
+Two kinds of test:
+  * test_fuzz_category: the full generator, ~25 nets over the categories.
+  * test_fixed_bug_stays_fixed: the campaign seeds that reproduced each bug found so far.
 
 Deterministic (derandomize=True, no database); no shrinking in the xfailed tests (a failing
 example would otherwise be shrunk, one merge per step). PLEAS_TEST_EXPLORE=N draws N times as
@@ -51,66 +46,28 @@ def _assert_passes(rec) -> None:
         f"{rec['outcome']}:\n" + "\n".join(fz.failures(rec)) + "\nconfig: " + json.dumps(rec["config"]))
 
 
-def _run(data, seed: int, category: str, avoid=()):
+def _run(data, seed: int, category: str):
     torch.set_num_threads(1)
     cfg = fz.draw_config(category, fz.HypothesisDraw(data))
-    if avoid:
-        cfg = fz.avoid_known_bugs(cfg, avoid)
     rec = fz.run_net(seed, category, BUDGETS, cfg=cfg)
     assert rec["outcome"] != "invalid", fz.failures(rec)  # a generator bug
     return rec
 
 
-def _xfail(bug: str, why: str):
-    return pytest.mark.xfail(strict=True, reason=f"known bug {bug!r}: {fz.KNOWN_BUGS[bug]} ({why})")
-
-
-# Categories whose deterministic draws below hit a known bug (see fz.KNOWN_BUGS). The draws are
-# fixed by derandomize=True for a given hypothesis version and generator: if either changes, a
-# category may start or stop hitting a bug, and a strict XPASS or a failure says which.
-CATEGORY_MARKS = {
-    "mlp": [],
-    "cnn1d": [],
-    "cnn2d": [],
-    "transformer": [],
-    "unknown": [],
-}
-
-
-@pytest.mark.parametrize("category", [pytest.param(c, marks=CATEGORY_MARKS[c]) for c in fz.CATEGORIES])
-@_settings(5, shrink=False)
+@pytest.mark.parametrize("category", fz.CATEGORIES)
+@_settings(5)
 @given(data=st.data(), seed=st.integers(0, 10_000))
 def test_fuzz_category(category, data, seed):
     _assert_passes(_run(data, seed, category))
 
 
-@pytest.mark.parametrize("category", fz.CATEGORIES)
-@_settings(3)
-@given(data=st.data(), seed=st.integers(0, 10_000))
-def test_fuzz_category_known_bugs_avoided(category, data, seed):
-    _assert_passes(_run(data, seed, category, avoid=fz.AVOIDABLE_BUGS))
-
-
-# bug -> the smallest seed of the 1,000-net campaign (`python tools/fuzz_nets.py --seed S --n 1`)
-KNOWN_BUG_SEEDS = {
-    "shared_scalar": 11,  # cnn1d: PReLU with one slope -> budget 2 is not the ensemble
-    "tied_weights": 43,  # transformer: head tied to the embedding -> permuted copy is not the same function
-    "spatial_matmul": 179,  # unknown: x @ buffer over the width, then convs -> permuted copy differs
-    "dead_unit_tie": 512,  # cnn2d: group matched only after a ReLU, dead units tie -> self-merge off by 2%
-}
-
-
-@pytest.mark.parametrize("bug", [pytest.param(b, marks=_xfail(b, f"campaign seed {s}"))
-                                 for b, s in KNOWN_BUG_SEEDS.items()])
-def test_known_bug(bug):
-    seed = KNOWN_BUG_SEEDS[bug]
-    rec = fz.run_net(seed, None, BUDGETS)
-    _assert_passes(rec)
-
-
 # fixed bugs: their campaign seeds must keep passing
 FIXED_BUG_SEEDS = {
+    "dead_unit_tie": [512],  # units dead on the calibration data: ties broken by weight signatures
     "traced_head_size": [8, 68, 568],  # reshape sizes computed from x.shape (C // heads, C) on widened models
+    "shared_scalar": [11],  # PReLU with one slope: now one slope per channel in the merged model
+    "tied_weights": [43],  # head tied to the embedding: declared, permuted and filled once, kept tied
+    "spatial_matmul": [179, 634],  # x @ buffer over the width, then convs / pooling: spatial axes frozen
 }
 
 
@@ -118,17 +75,6 @@ FIXED_BUG_SEEDS = {
 def test_fixed_bug_stays_fixed(bug):
     for seed in FIXED_BUG_SEEDS[bug]:
         _assert_passes(fz.run_net(seed, None, BUDGETS))
-
-
-def test_known_bugs_are_avoidable():
-    """Each pinned seed passes once its known bug is rewritten away: the pins reproduce that
-    bug, not another one."""
-    for bug, seed in KNOWN_BUG_SEEDS.items():
-        if bug not in fz.AVOIDABLE_BUGS:
-            continue
-        category = fz.CATEGORIES[seed % len(fz.CATEGORIES)]
-        rec = fz.run_net(seed, category, BUDGETS, cfg=fz.config_for(seed, category, avoid=(bug,)))
-        _assert_passes(rec)
 
 
 def test_untraceable_net_is_refused():

@@ -44,6 +44,14 @@ def unknown(ctx, node: fx.Node, kind: str, detail: str, context: str = ""):
     return ctx.fresh_like(ctx.shape(), reason)
 
 
+def freeze_mixed_positions(ctx, layouts, detail: str) -> None:
+    """Axes an op treats as positions (a convolution's, a pooling's spatial axes) mix their
+    entries: any group that reached them (a weight multiplied along the width) is frozen."""
+    for lay in layouts:
+        if not ctx.is_frozen(lay):
+            ctx.freeze(lay, ctx.reason("spatial mixing", detail))
+
+
 def broadcast(ctx, node: fx.Node, operands=None):
     """Elementwise op with numpy broadcasting: axes that meet at full size are unified."""
     operands = tensor_args(ctx, node) if operands is None else operands
@@ -58,5 +66,14 @@ def broadcast(ctx, node: fx.Node, operands=None):
                 continue
             lay = lays[-i]
             out[-i] = lay if out[-i] is None else ctx.unify(out[-i], lay)
+    for a in operands:  # a parameter with one entry broadcast over a feature axis: one entry per feature
+        if is_attr(a):
+            shp = ctx.shape(a)
+            for i in range(1, len(shp) + 1):
+                if shp[-i] == 1 and i <= len(out_shape) and out_shape[-i] != 1 and out[-i] is not None \
+                        and not ctx.is_frozen(out[-i]):
+                    layouts = list(ctx.param_layouts.get(ctx.canonical(a.target), ctx.layouts(a)))
+                    layouts[len(shp) - i] = out[-i]
+                    ctx.param(a.target, layouts)
     return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "constant")
             for lay, n in zip(out, out_shape)]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import WeightNode
-from pleas_fx.passes.ops.common import arg, is_attr, set_arg, unknown
+from pleas_fx.passes.ops.common import arg, freeze_mixed_positions, is_attr, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -24,6 +24,7 @@ CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 def _conv(ctx, x_node, groups, c_in, c_out, kernel, weight, bias):
     x = ctx.layouts(x_node)
     out_shape = ctx.shape()
+    freeze_mixed_positions(ctx, x[2:], "a convolution mixes the positions of this axis")
     spatial = [ctx.fresh(n, "spatial") for n in out_shape[2:]]
     kernel_axes = [ctx.fresh(k, "kernel") for k in kernel]
     if groups == 1:

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleas_fx.passes.ops.common import broadcast, tensor_args
+from pleas_fx.core.ir import layout_numel
+from pleas_fx.passes.ops.common import arg, broadcast, is_attr, tensor_args, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 try:  # torchvision wraps stochastic_depth as an fx leaf function
@@ -54,9 +55,14 @@ register_op(*ELEMENTWISE_MODULES, *ELEMENTWISE_FUNCTIONS, *ELEMENTWISE_METHODS, 
 
 
 def prelu(ctx, node):
+    """One slope per channel, or one slope shared by every channel (declared as a broadcast,
+    then re-declared per channel: features kept apart keep their own model's slope)."""
     x = ctx.layouts(node.args[0])
-    n = ctx.module().num_parameters
-    ctx.param(f"{node.target}.weight", [x[1] if n > 1 else ctx.fresh(1, "size-1")])
+    channel = x[1] if len(x) > 1 else x[0]
+    name = f"{node.target}.weight"
+    if ctx.module().num_parameters == 1 and layout_numel(channel) != 1:
+        ctx.param(name, [ctx.fresh(1, "size-1")])
+    ctx.param(name, [channel])
     return list(x)
 
 
@@ -64,4 +70,14 @@ def prelu_resize(module: nn.PReLU, input_shape) -> None:
     module.num_parameters = module.weight.numel()
 
 
+def prelu_function(ctx, node):
+    """F.prelu(input, weight): the weight's entries are the channels' slopes (or one shared)."""
+    x, w = ctx.layouts(arg(node, 0, "input")), arg(node, 1, "weight")
+    if not is_attr(w):
+        return unknown(ctx, node, "computed weight", "prelu with a computed weight")
+    ctx.param(w.target, [x[1] if len(x) > 1 else x[0]])
+    return list(x)
+
+
 register_op(nn.PReLU, spec=OpSpec(infer=prelu, resize=prelu_resize))
+register_op(F.prelu, spec=OpSpec(infer=prelu_function))

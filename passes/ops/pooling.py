@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pleas_fx.passes.ops.common import arg, unknown
+from pleas_fx.passes.ops.common import arg, freeze_mixed_positions, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 POOL_MODULES = {
@@ -36,6 +36,7 @@ def pooling(ctx, node):
     k = k if k is not None else len(out_shape) - 2
     if len(x) != len(out_shape) or k >= len(x):
         return unknown(ctx, node, "other", "pooling of unexpected rank")
+    freeze_mixed_positions(ctx, x[len(x) - k:], "pooling or resizing mixes the positions of this axis")
     return [*x[: len(x) - k], *[ctx.fresh(n, "spatial") for n in out_shape[len(x) - k:]]]
 
 

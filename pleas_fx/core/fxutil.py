@@ -34,3 +34,13 @@ def node_shape(node: fx.Node) -> Any:
 def op_name(node: fx.Node) -> str:
     """The bare name of a function or method node's target ("reshape", "cat", "add")."""
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def param_value(root: torch.nn.Module, spec, name: str) -> torch.Tensor:
+    """A parameter or buffer of `root` as the GroupSpec `spec` lays it out: one-entry axes that
+    broadcast over a feature axis (spec.broadcast_axes) expanded to that axis's size."""
+    value = getattr_path(root, name)
+    for axis in sorted(a for n, a in spec.broadcast_axes if n == name):
+        size = sum(s.numel for s in spec.param_layouts[name][axis])
+        value = value.expand(*[size if i == axis else -1 for i in range(value.dim())])
+    return value

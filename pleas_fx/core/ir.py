@@ -108,13 +108,21 @@ class Group:
 class GroupSpec:
     """Result of group inference: every group, the layout of every parameter axis and of
     every node output axis (`node_layouts[name]` is a list of layouts per dim, or a list of
-    such lists for tuple outputs, or None for non-tensors)."""
+    such lists for tuple outputs, or None for non-tensors).
+
+    Parameters are named once: a tensor shared by several modules (tied weights) appears
+    under its first name, and `aliases` maps its other names to that one. `broadcast_axes`
+    lists (parameter, axis) where the tensor has one entry broadcast over a feature axis (a
+    PReLU's shared slope, a scalar gate): the layout is that feature axis, and the merged model
+    stores the entry per feature, so features kept apart keep their own model's value."""
 
     groups: dict[int, Group]
     param_layouts: dict[str, list[Layout]]
     param_roles: dict[str, list[str]]
     node_layouts: dict[str, Any]
     frozen_reasons: list[FreezeReason]  # limitations (not structural axes), in graph order
+    aliases: dict[str, str] = field(default_factory=dict)
+    broadcast_axes: set[tuple[str, int]] = field(default_factory=set)
 
     def mergeable(self) -> list[Group]:
         """Groups whose width a merge chooses (within groups never change a width)."""
