@@ -15,12 +15,27 @@ import torch.fx as fx
 
 from pleas_fx.core.freeze import FreezeReason
 from pleas_fx.core.fxutil import getattr_path, node_shape, op_name
-from pleas_fx.core.ir import Group, GroupSpec, Layout, ParamAxis, Segment, Site
+from pleas_fx.core.ir import Group, GroupSpec, Layout, ParamAxis, Segment, Site, layout_numel
 from pleas_fx.passes.infer_context import InferenceContext, freeze_unknown, tensor_layouts
 from pleas_fx.passes.layout_ops import TupleLayouts
 from pleas_fx.passes.ops import describe_op, lookup_op, overridden_forward
 
 log = logging.getLogger(__name__)
+
+
+def layout_mismatch(value: Any, shape: Any) -> str | None:
+    """Why a handler's output layouts cannot describe an output of `shape` (rank or sizes), or
+    None when they can."""
+    if shape is None:
+        return None if value is None else "layouts for a non-tensor output"
+    if isinstance(shape, list):
+        if not isinstance(value, list) or len(value) != len(shape):
+            return f"{len(shape)} outputs, layouts for {len(value) if isinstance(value, list) else 'one'}"
+        return next((p for v, s in zip(value, shape) if (p := layout_mismatch(v, s)) is not None), None)
+    if not isinstance(value, list) or isinstance(value, TupleLayouts) or len(value) != len(shape):
+        return f"rank {len(shape)}, layouts of rank {len(value) if isinstance(value, list) else None}"
+    sizes = [layout_numel(lay) for lay in value]
+    return None if sizes == list(shape) else f"sizes {list(shape)}, layouts of sizes {sizes}"
 
 
 def _unknown_reason(node: fx.Node, gm: fx.GraphModule) -> FreezeReason:
@@ -68,7 +83,15 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
                 if any(ctx.is_tensor(a) for a in node.all_input_nodes):
                     frozen_reasons.append(reason)
             else:
-                out = spec.infer(ctx, node)
+                out = ctx.rewritten(spec.infer(ctx, node))
+                problem = layout_mismatch(out, ctx.shape())
+                if problem is not None:
+                    reason = FreezeReason("handler mismatch", f"the op's handler returned layouts that do not match "
+                                                              f"its output ({problem}); frozen", node.name,
+                                          describe_op(node, gm))
+                    log.info("%s", reason)
+                    out = freeze_unknown(ctx, node, reason)
+                    frozen_reasons.append(reason)
         ctx.values[node.name] = ctx.rewritten(out)
 
     # Parameters never read by the graph keep their shape: freeze them.

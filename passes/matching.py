@@ -67,6 +67,18 @@ def _site_cost(stats: Statistics, site) -> np.ndarray | None:
     return c / max(scale, 1e-30)
 
 
+def dropped_sites(spec: GroupSpec, stats: Statistics) -> list[str]:
+    """The measured activation sites whose moments are not finite ("node[axis]"): matching
+    leaves them out (e.g. attention scores holding a mask's most negative float)."""
+    out = []
+    for g in spec.mergeable():
+        for site in g.sites:
+            m = stats.sites.get(site.key)
+            if m is not None and m.count and not all(bool(torch.isfinite(t).all()) for t in (m.cross, m.sq_a, m.sq_b)):
+                out.append(f"{site.node}[{site.axis}]")
+    return list(dict.fromkeys(out))
+
+
 def _within_unit_costs(cost: np.ndarray, units: int, align: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """From an entry-level cost (units*w x units*w, unit-major), the per-unit-pair cost (mean
     over the w entries) with each pair's entries aligned by a linear assignment (align=True),

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from pleas_fx.core.errors import ArchitectureMismatchError, TraceError, WeightError
+from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceError, WeightError
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
@@ -131,10 +131,29 @@ def check_same_architecture(gm_a: fx.GraphModule, gm_b: fx.GraphModule) -> None:
             )
 
 
-def check_finite(gm: fx.GraphModule, label: str) -> None:
-    for name, tensor in gm.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
+def check_tensors(model: torch.nn.Module, label: str) -> None:
+    """Refuse, naming the tensor, a model whose parameters or buffers cannot be merged: on the
+    meta device (no values), sparse, quantized, or complex; then any non-finite value."""
+    if not isinstance(model, torch.nn.Module):
+        return  # trace_model names the problem
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        if t is None:
+            continue
+        what = f"{label}'s tensor '{name}'"
+        if t.is_meta:
+            raise WeightError(f"{what} is on the meta device (it has no values): load the weights first, e.g. "
+                              f"model.to_empty(device='cpu') then model.load_state_dict(...)")
+        if t.layout != torch.strided:
+            raise WeightError(f"{what} is a sparse tensor ({t.layout}): pleas_fx merges dense tensors; "
+                              f"convert it with .to_dense()")
+        if t.is_quantized:
+            raise WeightError(f"{what} is quantized ({t.dtype}): merge the float models, then quantize the merged one")
+        if t.is_complex():
+            raise WeightError(f"{what} is complex ({t.dtype}): pleas_fx merges real-valued networks")
+    for name, t in tensors:
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
             raise WeightError(f"{label} has {bad} non-finite values in '{name}'")
 
 
@@ -170,11 +189,15 @@ def embedding_vocab(gm: fx.GraphModule) -> dict[int, int]:
 def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     """Trace both models, check them, and bind example_input (a tensor, tuple, or dict by input
     name) to the traced inputs."""
+    check_tensors(model_a, "model_a")
+    check_tensors(model_b, "model_b")
     gm_a, gm_b = trace_model(model_a, "model_a"), trace_model(model_b, "model_b")
     check_same_architecture(gm_a, gm_b)
-    check_finite(gm_a, "model_a")
-    check_finite(gm_b, "model_b")
     example_args = as_args(example_input, model_inputs(gm_a))
+    for i, a in enumerate(example_args):
+        if torch.is_tensor(a) and (a.is_meta or a.layout != torch.strided):
+            raise DataError(f"example_input {i} is a {'meta' if a.is_meta else 'sparse'} tensor: pass real, dense "
+                            f"values (they fix shapes and run the models once)")
     device = next((a.device for a in example_args if torch.is_tensor(a)), torch.device("cpu"))
     gm_a.to(device)
     gm_b.to(device)

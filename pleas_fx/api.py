@@ -16,6 +16,7 @@ from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
 from pleas_fx.passes.infer_groups import infer_groups
+from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
 from pleas_fx.passes.verify import verify_merged
@@ -150,7 +151,12 @@ def merge(
                  if weights.solved or sites else Statistics())
     with timer("matching"):
         match = methods.match(opts.matching, spec, stats, traced.gm_a, traced.gm_b, seed=opts.seed)
-    build = _Builder(traced, spec, head, weights, stats, match, opts, data_in.batches, frozen)
+    dropped = dropped_sites(spec, stats)
+    if weights.notes:
+        log.info("%d weight(s) mapped, not solved: %s", len(weights.notes), "; ".join(weights.notes))
+    if dropped:
+        log.info("%d matching site(s) left out (non-finite activations): %s", len(dropped), ", ".join(dropped))
+    build = _Builder(traced, spec, head, weights, stats, match, opts, data_in.batches, frozen, dropped)
     allocator = WidthAllocator(spec, match.pair_cost, build.footprint, traced.gm_a, opts.allocation,
                                lambda widths: build.model(widths, Timer())[0])
     results = []
@@ -169,9 +175,11 @@ class _Builder:
     heads, repair BatchNorm statistics, verify, report."""
 
     def __init__(self, traced: TracedPair, spec, head: SeparateHeads | None, weights: WeightPlan,
-                 stats: Statistics, match, opts: MergeOptions, batches, frozen: FrozenSummary) -> None:
+                 stats: Statistics, match, opts: MergeOptions, batches, frozen: FrozenSummary,
+                 dropped: list[str]) -> None:
         self.traced, self.spec, self.head, self.weights = traced, spec, head, weights
         self.stats, self.match, self.opts, self.batches, self.frozen = stats, match, opts, batches, frozen
+        self.dropped = dropped
         self.footprint = Footprint(spec, [n for n, _ in traced.gm_a.named_parameters()])
 
     def model(self, widths: dict[int, int], t: Timer) -> tuple[fx.GraphModule, list[str], dict]:
@@ -205,6 +213,6 @@ class _Builder:
         report.update({"method": opts.method.name, "solve": opts.method.solve, "heads": opts.heads,
                        "repair": opts.repair, "data": opts.data_kind,
                        "extra_head_parameters": self.head.extra_parameters if self.head else 0,
-                       "frozen_hidden": self.frozen.to_dict()})
+                       "frozen_hidden": self.frozen.to_dict(), "dropped_sites": self.dropped})
         merged.meta["pleas_fx"] = report
         return merged

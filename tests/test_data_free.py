@@ -151,3 +151,26 @@ def test_budget_list_with_repeated_and_unsorted_budgets():
     with torch.no_grad():
         next(ms[1].parameters()).add_(1.0)
     assert not torch.equal(nets.run(ms[1], x), nets.run(ms[3], x))
+
+
+def test_a_script_merging_off_a_terminal_writes_nothing(tmp_path):
+    """A merge with data from a list, run with stderr redirected to a file: nothing on stdout,
+    no progress bar (nor anything else) on stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn as nn, pleas_fx\n"
+        "def make(seed):\n"
+        "    torch.manual_seed(seed)\n"
+        "    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).eval()\n"
+        "merged = pleas_fx.merge(make(0), make(1), torch.randn(4, 5), [1.0, 1.5],\n"
+        "                        [torch.randn(8, 5) for _ in range(3)])\n"
+        "assert len(merged) == 2\n"
+    )
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as fh:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=fh, timeout=300)
+    assert proc.returncode == 0, err.read_text()
+    assert proc.stdout == b""
+    assert err.read_text() == ""

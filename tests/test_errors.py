@@ -213,3 +213,162 @@ def test_errors_leave_the_models_untouched():
     with pytest.raises(DataError):
         merge(a, b, data=[torch.randn(3, 7)])
     nets.assert_same_snapshot(before, nets.snapshot(a))
+
+
+# --------------------------------------------------------------------------- tensors pleas_fx cannot merge
+def test_model_on_the_meta_device_is_refused_naming_the_tensor():
+    with torch.device("meta"):
+        a = mlp()
+    with pytest.raises(WeightError, match=r"model_a's tensor '0.weight' is on the meta device.*to_empty"):
+        merge(a, mlp(seed=1))
+
+
+def test_sparse_parameter_is_refused():
+    a = mlp()
+    a[0].weight = nn.Parameter(a[0].weight.detach().to_sparse())
+    with pytest.raises(WeightError, match=r"model_a's tensor '0.weight' is a sparse tensor.*to_dense"):
+        merge(a, mlp(seed=1))
+
+
+def test_quantized_buffer_is_refused():
+    b = mlp(seed=1)
+    b.register_buffer("scale", torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8))
+    with pytest.raises(WeightError, match=r"model_b's tensor 'scale' is quantized \(torch.qint8\)"):
+        merge(mlp(), b)
+
+
+def test_complex_parameter_is_refused():
+    a = mlp()
+    a.register_parameter("phase", nn.Parameter(torch.ones(2, dtype=torch.complex64)))
+    with pytest.raises(WeightError, match=r"'phase' is complex"):
+        merge(a, mlp(seed=1))
+
+
+def test_meta_example_input_is_refused():
+    with pytest.raises(DataError, match="example_input 0 is a meta tensor"):
+        merge(mlp(), mlp(seed=1), x=torch.randn(2, 4, device="meta"))
+
+
+# --------------------------------------------------------------------------- our failures are ours
+class Scale(nn.Module):
+    """A per-channel scale that keeps its channel count in an attribute its forward reads."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.w = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.w.view(1, self.c)
+
+
+def test_an_op_spec_that_forgets_to_resize_raises_an_internal_error_naming_the_pass_and_node():
+    """A spec registered without `resize` for a module whose forward reads a width attribute:
+    the widened graph cannot run. That is pleas_fx's failure (InternalError naming the pass and
+    the node), never a TraceError about the user's model."""
+    from pleas_fx.passes.ops.registry import _MODULE_SPECS
+
+    def infer(ctx, node):
+        x = ctx.layouts(node.args[0])
+        ctx.param(f"{node.target}.w", [x[1]])
+        return list(x)
+
+    pleas_fx.register_op(Scale, spec=pleas_fx.OpSpec(infer=infer))
+    try:
+        def make(seed):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(4, 6), Scale(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+
+        with pytest.raises(pleas_fx.InternalError, match=r"widen pass at node _1 .*This is a bug in pleas_fx") as info:
+            merge(make(0), make(1), budget=2.0)
+        assert not isinstance(info.value, TraceError)
+        assert info.value.pass_name == "widen" and info.value.where.startswith("node _1")
+    finally:
+        _MODULE_SPECS.pop(Scale, None)
+
+
+def test_a_handler_whose_layouts_do_not_fit_the_output_is_frozen_not_trusted():
+    from pleas_fx.passes.ops.registry import _MODULE_SPECS
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return torch.cat([x, x], 1)
+
+    @pleas_fx.register_handler(Twice)
+    def wrong(ctx, node):  # claims the output is the input: wrong size
+        return list(ctx.layouts(node.args[0]))
+
+    try:
+        def make(seed):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(4, 3), Twice(), nn.Linear(6, 2)).eval()
+
+        merged = merge(make(0), make(1), budget=1.5)
+        frozen = merged.meta["pleas_fx"]["frozen"]
+        assert any(f["kind"] == "handler mismatch" and "sizes [2, 6], layouts of sizes [2, 3]" in f["reason"]
+                   for f in frozen), frozen
+        assert torch.isfinite(merged(X)).all()
+    finally:
+        _MODULE_SPECS.pop(Twice, None)
+
+
+def test_a_subclass_overriding_forward_does_not_inherit_its_parents_spec():
+    """Traced through by pleas_fx's tracer (its forward is analysed op by op); kept whole by the
+    user's own tracer, it is frozen with the reason, not treated as a plain Conv2d."""
+    import torch.fx as fx
+
+    class SignedConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * torch.sign(x.mean())
+
+    class LeafTracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, SignedConv) or super().is_leaf_module(m, qualname)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(3, 4, 1), SignedConv(4, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 9, 2))
+        return fx.GraphModule(net, LeafTracer().trace(net.eval()))
+
+    x = torch.randn(2, 3, 3, 3)
+    merged = pleas_fx.merge(make(0), make(1), x, 1.5, [torch.randn(4, 3, 3, 3)])
+    reasons = [f["reason"] for f in merged.meta["pleas_fx"]["frozen"]]
+    assert any("no handler for module SignedConv (it overrides the forward of Conv2d" in r for r in reasons), reasons
+
+
+class NormThenMix(nn.Module):
+    """Reductions with their arguments by position: x.norm(2, 1) and x.std(1, True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h / h.norm(2, 1)[:, None] + h.std(1, True)[:, None])
+
+
+def test_reductions_bind_positional_arguments_by_each_ops_signature():
+    from pleas_fx.inspection import check_groups, trace_and_infer
+
+    x = torch.randn(3, 4)
+    gm, spec = trace_and_infer(NormThenMix().eval(), x)
+    assert ("norm", "reduction") in {(r.where, r.kind) for r in spec.frozen_reasons}  # dim 1 (features) reduced
+    assert len(spec.node_layouts["norm"]) == 1 and len(spec.node_layouts["std"]) == 1  # keepdim False both
+    assert not any(r.kind == "handler mismatch" for r in spec.frozen_reasons)
+    assert check_groups(gm, spec, x).passed
+
+
+def test_mapped_weights_and_left_out_sites_are_logged_and_reported(caplog):
+    import logging
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 2)).eval()
+
+    with caplog.at_level(logging.INFO, logger="pleas_fx"):
+        merged = merge(make(0), make(1), budget=1.2, max_ls_dim=500)
+    notes = merged.meta["pleas_fx"]["notes"]
+    assert notes == ["_2 (2.weight): 601 stacked inputs exceed max_ls_dim=500; mapped, not solved"], notes
+    assert any("1 weight(s) mapped, not solved: _2 (2.weight)" in r.getMessage() for r in caplog.records)
+    assert merged.meta["pleas_fx"]["dropped_sites"] == []

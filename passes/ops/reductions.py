@@ -20,22 +20,28 @@ def softmax(ctx, node):
     return list(x)
 
 
-REDUCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
-              torch.norm, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm"]
+# the arguments after the input, by position, of each reduction (method and torch function alike)
+SIGNATURES = {
+    "mean": ("dim", "keepdim"), "sum": ("dim", "keepdim"), "amax": ("dim", "keepdim"), "amin": ("dim", "keepdim"),
+    "logsumexp": ("dim", "keepdim"), "std": ("dim", "unbiased", "keepdim"), "var": ("dim", "unbiased", "keepdim"),
+    "norm": ("p", "dim", "keepdim"),
+}
+REDUCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm,
+              *SIGNATURES]
 
 
 def reduction(ctx, node):
-    """Reducing over an axis mixes its features: such an axis is frozen."""
+    """Reducing over an axis mixes its features: such an axis is frozen. Arguments are bound by
+    each op's own signature (x.norm(2, 1) reduces dim 1; x.std(1, True) keeps no dim)."""
     x = ctx.layouts(node.args[0])
-    dim = arg(node, 1, "dim")
-    if dim is None and node.target in ("norm", torch.norm):
-        dim = arg(node, 2, "dim")
-    keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2] is True)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    bound = dict(zip(SIGNATURES[name], node.args[1:]))
+    bound.update(node.kwargs)
+    dim, keepdim = bound.get("dim"), bool(bound.get("keepdim", False))
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         dims = list(range(len(x)))
     else:
-        dims = [dim] if isinstance(dim, int) else list(dim)
-        dims = [d % len(x) for d in dims]
+        dims = [d % len(x) for d in ([dim] if isinstance(dim, int) else dim)]
     for d in dims:
         if not ctx.is_frozen(x[d]):
             ctx.freeze(x[d], ctx.reason("reduction", "reduction over this axis"))
