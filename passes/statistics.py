@@ -21,8 +21,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from pleas_fx.core.errors import DataError
 from pleas_fx.core.ir import Site, WeightNode
 from pleas_fx.core.progress import progress_bar
+from pleas_fx.passes.distributed import all_reduce_sums, shard_total, sharded, world
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
 from pleas_fx.passes.patch_plan import conv_output_size
@@ -211,11 +213,29 @@ def collect_statistics(
     collector = _Collector(weights, sites, dtype, positions, torch.Generator().manual_seed(seed), device, full_sites)
     lockstep = _Lockstep(gm_a, gm_b, collector)
     stats = collector.stats
+    rank, size = world()
     with torch.no_grad():
-        for args in progress_bar(batches, progress, total=total, desc="pleas_fx statistics", unit="batch"):
+        for args in progress_bar(sharded(batches), progress, total=shard_total(total), desc="pleas_fx statistics",
+                                 unit="batch"):
             lockstep.run(*args)
             stats.batches += 1
             stats.samples += int(args[0].shape[0]) if torch.is_tensor(args[0]) else 0
+    if size > 1:
+        _all_reduce(stats, rank)
     log.info("statistics: %d batches, %d samples, %d least-squares probes, %d matching sites",
              stats.batches, stats.samples, len(stats.least_squares), len(stats.sites))
     return stats
+
+
+def _all_reduce(stats: Statistics, rank: int) -> None:
+    """Sum every rank's running sums (each rank read its share of the batches)."""
+    if stats.batches == 0:
+        raise DataError(f"rank {rank} got no calibration batch: give at least one batch per process")
+    moments = list(stats.least_squares.values()) + list(stats.sites.values())
+    tensors = [t for m in stats.least_squares.values() for t in (m.aa, m.ab, m.bb, m.sum_a, m.sum_b)]
+    tensors += [t for m in stats.sites.values() for t in (m.cross, m.sq_a, m.sq_b, m.aa, m.bb, m.sum_a, m.sum_b)
+                if t is not None]
+    counts = all_reduce_sums(tensors, [m.count for m in moments] + [stats.batches, stats.samples])
+    for m, c in zip(moments, counts):
+        m.count = c
+    stats.batches, stats.samples = counts[-2], counts[-1]

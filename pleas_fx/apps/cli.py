@@ -184,6 +184,24 @@ def _progress_enabled(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def _init_distributed(device) -> None:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the process group, so that the
+    statistics pass is sharded across the processes (gloo on the CPU, NCCL on GPUs)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("statistics sharded across %d processes (this is rank %d)", dist.get_world_size(), dist.get_rank())
+
+
+def distributed_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _merge_command(args, argv: list[str]) -> int:
     t_start = time.perf_counter()
     budgets, model_kwargs, out = _validate(args)
@@ -204,6 +222,7 @@ def _merge_command(args, argv: list[str]) -> int:
         raise CliError("--device cuda: no CUDA device is available")
     torch.manual_seed(args.seed)
     timings: dict[str, float] = {}
+    _init_distributed(device)
 
     t = time.perf_counter()
     model_a = build_model(args.model, model_kwargs)
@@ -255,6 +274,8 @@ def _merge_command(args, argv: list[str]) -> int:
         matching=args.matching, max_batches=args.batches, progress=_progress_enabled(args), seed=args.seed,
     )
     timings["merge"] = time.perf_counter() - t
+    if distributed_rank() > 0:  # under torchrun every rank merges; rank 0 writes
+        return 0
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out)
