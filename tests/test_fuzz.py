@@ -1,4 +1,4 @@
-"""Random networks through every check of the fuzzing campaign (tools/fuzz_nets.py).
+"""Random networks through every check of the fuzzing campaign (the package tools/fuzz/).
 
 Each net (MLPs, 1-D and 2-D CNNs, token transformers, nets with ops pleas_fx cannot know) is
 drawn by hypothesis through the campaign's own generator, and run_net checks: the permuted copy
@@ -12,9 +12,8 @@ Two kinds of test:
   * test_fuzz_category: the full generator, ~25 nets over the categories.
   * test_fixed_bug_stays_fixed: the campaign seeds that reproduced each bug found so far.
 
-Deterministic (derandomize=True, no database); no shrinking in the xfailed tests (a failing
-example would otherwise be shrunk, one merge per step). PLEAS_TEST_EXPLORE=N draws N times as
-many nets at random.
+Deterministic (derandomize=True, no database). PLEAS_TEST_EXPLORE=N draws N times as many nets
+at random.
 """
 from __future__ import annotations
 
@@ -28,14 +27,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import fuzz_nets as fz  # noqa: E402
+from fuzz.checks import failures, run_net  # noqa: E402
+from fuzz.configs import CATEGORIES, HypothesisDraw, draw_config  # noqa: E402
 
 EXPLORE = int(os.environ.get("PLEAS_TEST_EXPLORE", "0") or 0)
 BUDGETS = (1.0, 1.5, 2.0)
 
 
-def _settings(n: int, shrink: bool = True) -> settings:
-    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+def _settings(n: int) -> settings:
+    phases = [Phase.explicit, Phase.generate, Phase.shrink]
     return settings(max_examples=n * EXPLORE if EXPLORE else n, derandomize=not EXPLORE, deadline=None,
                     database=None, phases=phases, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -43,18 +43,18 @@ def _settings(n: int, shrink: bool = True) -> settings:
 
 def _assert_passes(rec) -> None:
     assert rec["outcome"] in ("ok", "refused"), (
-        f"{rec['outcome']}:\n" + "\n".join(fz.failures(rec)) + "\nconfig: " + json.dumps(rec["config"]))
+        f"{rec['outcome']}:\n" + "\n".join(failures(rec)) + "\nconfig: " + json.dumps(rec["config"]))
 
 
 def _run(data, seed: int, category: str):
     torch.set_num_threads(1)
-    cfg = fz.draw_config(category, fz.HypothesisDraw(data))
-    rec = fz.run_net(seed, category, BUDGETS, cfg=cfg)
-    assert rec["outcome"] != "invalid", fz.failures(rec)  # a generator bug
+    cfg = draw_config(category, HypothesisDraw(data))
+    rec = run_net(seed, category, BUDGETS, cfg=cfg)
+    assert rec["outcome"] != "invalid", failures(rec)  # a generator bug
     return rec
 
 
-@pytest.mark.parametrize("category", fz.CATEGORIES)
+@pytest.mark.parametrize("category", CATEGORIES)
 @_settings(5)
 @given(data=st.data(), seed=st.integers(0, 10_000))
 def test_fuzz_category(category, data, seed):
@@ -74,7 +74,7 @@ FIXED_BUG_SEEDS = {
 @pytest.mark.parametrize("bug", sorted(FIXED_BUG_SEEDS))
 def test_fixed_bug_stays_fixed(bug):
     for seed in FIXED_BUG_SEEDS[bug]:
-        _assert_passes(fz.run_net(seed, None, BUDGETS))
+        _assert_passes(run_net(seed, None, BUDGETS))
 
 
 def test_untraceable_net_is_refused():
@@ -84,6 +84,6 @@ def test_untraceable_net_is_refused():
            "blocks": [["linear", {"w": 4, "bias": True, "norm": "none", "act": "relu", "functional": False,
                                   "prelu_per_feature": True, "dropout": "none"}],
                       ["unknown", {"op": "branch", "axis": "feature", "seed": 0}]]}
-    rec = fz.run_net(0, "unknown", BUDGETS, cfg=cfg)
-    assert rec["outcome"] == "refused", fz.failures(rec)
+    rec = run_net(0, "unknown", BUDGETS, cfg=cfg)
+    assert rec["outcome"] == "refused", failures(rec)
     assert rec["errors"][0]["type"] == "TraceError"

@@ -1,89 +1,135 @@
-"""Benchmark: wall time and peak memory of pleas_fx.merge on torchvision models.
+"""Benchmark: how long a merge takes against the floor no merge can beat (one forward pass of
+both source models over the same calibration data), and its peak memory.
 
-Each case runs in a fresh subprocess (so peak RSS is its own) and is compared with the floor
-no merge can beat: one forward pass of both source models over the same calibration data.
+Cases (random weights: the time does not depend on training):
+- digits: a ResNet-20-style pair (three stages of three basic blocks, widths 32/64/128) on
+  1,024 real MNIST digits (28x28), batches of 128;
+- resnet18, resnet50: torchvision models at 224x224 on random images (resnet50: 512 images).
 
-    python tools/bench_merge.py                       # resnet18 and resnet50, defaults below
-    python tools/bench_merge.py --models resnet18 --image-size 64 --batches 4 --batch-size 16
+For each case, in a fresh process (so the peak RSS is its own): the forward floor, one merge at
+budget 1.0 (seconds, ratio to the floor, peak RSS), and a sweep of budgets 1.0, 1.2, 1.5 and 2.0
+from one merge() call (seconds, ratio to the single merge). With --procs 2 the merge also runs
+sharded across 2 processes (torchrun, gloo): its seconds are rank 0's.
+
+    nice -n 10 python tools/bench_merge.py                          # digits and resnet18
+    nice -n 10 python tools/bench_merge.py --cases resnet50 --procs 1
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
+CASES = {  # name -> (images, batch size, image size)
+    "digits": (1024, 128, 28),
+    "resnet18": (128, 32, 224),
+    "resnet50": (512, 32, 224),
+}
+SWEEP = [1.0, 1.2, 1.5, 2.0]
 
-def run_case(model: str, image_size: int, batches: int, batch_size: int, budgets: list[float]) -> dict:
+
+def make_pair(case: str):
+    """The two models of a case and its calibration batches."""
     import torch
-    import torchvision
+    import torch.nn as nn
+
+    if case == "digits":
+        from pleas_fx.apps import demo
+
+        def make(seed):
+            torch.manual_seed(seed)
+            layers, cin = [nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()], 32
+            for i, width in enumerate((32, 64, 128)):
+                for j in range(3):
+                    layers.append(demo.BasicBlock(cin, width, stride=2 if i and not j else 1))
+                    cin = width
+            return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+        x = demo.load_digits_split()["x_train"][:CASES[case][0]]
+        data = [x[i:i + CASES[case][1]] for i in range(0, len(x), CASES[case][1])]
+    else:
+        import torchvision
+
+        def make(seed):
+            torch.manual_seed(seed)
+            return torchvision.models.get_model(case, weights=None, num_classes=100).eval()
+
+        images, batch, size = CASES[case]
+        gen = torch.Generator().manual_seed(2)
+        data = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(images // batch)]
+    return make(0), make(1), data
+
+
+def run_case(case: str, sweep: bool) -> dict:
+    import torch
 
     import pleas_fx
+    from pleas_fx.passes.distributed import world
 
-    torch.manual_seed(0)
-    model_a = torchvision.models.get_model(model, weights=None, num_classes=100).eval()
-    torch.manual_seed(1)
-    model_b = torchvision.models.get_model(model, weights=None, num_classes=100).eval()
-    gen = torch.Generator().manual_seed(2)
-    data = [torch.randn(batch_size, 3, image_size, image_size, generator=gen) for _ in range(batches)]
-
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 2)))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("gloo")
+    a, b, data = make_pair(case)
     with torch.no_grad():
-        model_a(data[0][:2]), model_b(data[0][:2])  # warm-up
+        a(data[0][:2]), b(data[0][:2])  # warm-up
         start = time.perf_counter()
         for x in data:
-            model_a(x), model_b(x)
-        forward = time.perf_counter() - start
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            a(x), b(x)
+        floor = time.perf_counter() - start
     start = time.perf_counter()
-    merged = pleas_fx.merge(model_a, model_b, data[0][:2], budgets if len(budgets) > 1 else budgets[0],
-                            data=data, progress=False)
-    wall = time.perf_counter() - start
-    merged = merged if isinstance(merged, list) else [merged]
-    report = merged[0].meta["pleas_fx"]
-    return {
-        "model": model, "image_size": image_size, "images": batches * batch_size, "budgets": budgets,
-        "merge_s": wall, "forward_both_s": forward, "ratio": wall / forward,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "rss_before_merge_gib": rss_before,
-        "timings_first_budget": report["timings"],
-        "achieved": [m.meta["pleas_fx"]["achieved_budget"] for m in merged],
-        "ls_nodes": report["statistics"]["least_squares_nodes"], "notes": report["notes"],
-    }
+    merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data)
+    one = time.perf_counter() - start
+    out = {"case": case, "images": sum(len(x) for x in data), "floor_s": floor, "merge_s": one,
+           "timings": merged.meta["pleas_fx"]["timings"], "procs": world()[1]}
+    del merged
+    if sweep:
+        start = time.perf_counter()
+        pleas_fx.merge(a, b, data[0][:2], SWEEP, data)
+        out["sweep_s"] = time.perf_counter() - start
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def _subprocess(case: str, procs: int, sweep: bool) -> dict | None:
+    one = [__file__, "--one", case] + (["--sweep"] if sweep else [])
+    cmd = [sys.executable, *one] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29533", *one]
+    env = {**os.environ, "BENCH_THREADS": str(max(1, (os.cpu_count() or 2) // procs))}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"{case} ({procs} process(es)) failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[0])
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--budgets", type=float, nargs="+", default=[1.2])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=["digits", "resnet18"], choices=sorted(CASES))
+    p.add_argument("--procs", nargs="+", type=int, default=[1, 2], help="process counts to run each case with")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(args.one, args.image_size, args.batches, args.batch_size, args.budgets)))
+        result = run_case(args.one, args.sweep)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
         return 0
-    rows = []
-    for model in args.models:
-        cmd = [sys.executable, __file__, "--one", model, "--image-size", str(args.image_size),
-               "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-               "--budgets", *map(str, args.budgets)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{model}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"\nCPU merge benchmark ({rows[0]['images']} calibration images at {args.image_size}x{args.image_size}, "
-          f"budgets {args.budgets})\n")
-    print("| model | merge (s) | forward of both models (s) | merge / forward | peak RSS (GiB) | "
-          "statistics (s) | fill (s) | least-squares nodes |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = [r for case in args.cases for procs in args.procs
+            if (r := _subprocess(case, procs, sweep=procs == 1)) is not None]
+    print("| case | processes | images | forward floor (s) | merge at 1.0 (s) | merge / floor | statistics (s) | "
+          "solves (s) | 4-budget sweep (s) | sweep / merge | peak RSS (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        t = r["timings_first_budget"]
-        print(f"| {r['model']} | {r['merge_s']:.1f} | {r['forward_both_s']:.2f} | {r['ratio']:.0f}x | "
-              f"{r['peak_rss_gib']:.2f} | {t.get('statistics', 0):.1f} | {t.get('fill', 0):.1f} | {r['ls_nodes']} |")
+        t = r["timings"]
+        sweep = f"{r['sweep_s']:.1f} | {r['sweep_s'] / r['merge_s']:.2f}x" if "sweep_s" in r else "- | -"
+        print(f"| {r['case']} | {r['procs']} | {r['images']} | {r['floor_s']:.2f} | {r['merge_s']:.1f} | "
+              f"{r['merge_s'] / r['floor_s']:.1f}x | {t.get('statistics', 0):.1f} | {t.get('fill', 0):.1f} | "
+              f"{sweep} | {r['peak_rss_gib']:.2f} |")
     return 0
 
 

@@ -11,7 +11,16 @@ from .cnn_layers import CNNHead, ChannelsLastLinear, Concat, ConvAct, Depthwise,
 from .layers import FuzzTracer, MLPLinear, MLPResidual, SwiGLU, TBlock, Unknown, unknown_dim
 
 
-class MLP(nn.Module):
+class Stack(nn.Module):
+    """Blocks in sequence, then the head (MLP and CNN)."""
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class MLP(Stack):
     def __init__(self, cfg):
         super().__init__()
         self.blocks = nn.ModuleList()
@@ -29,13 +38,8 @@ class MLP(nn.Module):
                 self.blocks.append(Unknown(kw["op"], unknown_dim(kw["axis"], "vec", 2), w, kw["seed"]))
         self.head = nn.Linear(w, cfg["out"])
 
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
 
-
-class CNN(nn.Module):
+class CNN(Stack):
     def __init__(self, cfg):
         super().__init__()
         dim = cfg["dim"]
@@ -54,11 +58,6 @@ class CNN(nn.Module):
                 self.blocks.append(builders[kind](dim, c, kw))
             c, L = cnn_shape(kind, kw, c, L)
         self.head = CNNHead(dim, c, L, cfg["head"])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
 
 
 class Transformer(nn.Module):
