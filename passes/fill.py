@@ -24,6 +24,7 @@ from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.statistics import Statistics
 from pleas_fx.passes.weights import WeightPlan
+from pleas_fx.passes.within_axes import realign_b
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class _Filler:
 
     def zip_param(self, name: str) -> torch.Tensor:
         ta, tb = self.source(name)
+        tb = realign_b(tb, self.spec, self.spec.param_layouts[name], self.plans)
         maps = [axis_map(lay, self.plans, self.frozen) for lay in self.spec.param_layouts[name]]
         return zip_tensors(ta, tb, maps, self.spec.param_roles[name])
 

@@ -141,9 +141,12 @@ def _check_within(ctx: InferenceContext, param_layouts: dict[str, list[Layout]],
                         continue
                     parent = uf.parent_of(seg.group)
                     unit_axes = [i for i, other in enumerate(lays) if any(s.group == parent for s in other)]
-                    if kind == "parameter":  # a weight axis map is one axis: it cannot follow the units
-                        why[seg.group] = FreezeReason("within", f"parameter {name} holds within entries on an axis of their own")
-                    elif len(unit_axes) != 1 or unit_axes[0] == axis:
+                    if kind == "parameter" and not (len(unit_axes) == 1 and unit_axes[0] != axis and len(lay) == 1
+                                                    and seg.inner == seg.outer == 1):
+                        # an axis of within entries follows the units of one other axis (a grouped
+                        # conv's per-group input entries, their units on the output axis)
+                        why[seg.group] = FreezeReason("within", f"parameter {name} holds within entries without one axis of their units")
+                    elif kind == "tensor" and (len(unit_axes) != 1 or unit_axes[0] == axis):
                         why[seg.group] = FreezeReason("within", f"tensor {name} holds within entries without one axis of their units")
     for w, reason in why.items():
         uf.freeze(w, reason)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pleas_fx.core.fxutil import getattr_path
-from pleas_fx.core.ir import WeightNode
+from pleas_fx.core.ir import Segment, WeightNode
 from pleas_fx.passes.ops.common import arg, freeze_mixed_positions, is_attr, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
@@ -34,13 +34,32 @@ def _conv(ctx, x_node, groups, c_in, c_out, kernel, weight, bias):
         out_ch = x[1]
         ctx.param(weight, [out_ch, ctx.fresh(1, "size-1"), *kernel_axes])
     else:
-        reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups})")
-        ctx.freeze(x[1], reason)
-        out_ch = ctx.fresh(c_out, reason)
-        ctx.param(weight, [out_ch, ctx.fresh(c_in // groups, reason), *kernel_axes])
+        out_ch = _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes)
     if bias is not None:
         ctx.param(bias, [out_ch])
     return [x[0], out_ch, *spatial]
+
+
+def _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes):
+    """A grouped convolution: its `groups` conv groups are permutation units shared by the input
+    and output channels (unit u of the output reads only unit u of the input), each unit's input
+    and output entries permuted by within groups of their own, unit by unit. The weight's
+    per-group input axis holds the input within entries (their units on the output axis).
+    Frozen where the input channels cannot take that structure."""
+    cin_g, cout_g = c_in // groups, c_out // groups
+    units = ctx.uf.new(groups)
+    w_in = ctx.uf.new_within(cin_g, units) if cin_g > 1 else None
+    w_out = ctx.uf.new_within(cout_g, units) if cout_g > 1 else None
+    in_ch = ctx.unify(x[1], (Segment(units, groups, cin_g, 1, w_in),))
+    if ctx.is_frozen(in_ch):
+        reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups}) on channels of another structure")
+        out_ch = ctx.fresh(c_out, reason)
+        ctx.param(weight, [out_ch, ctx.fresh(cin_g, reason), *kernel_axes])
+        return out_ch
+    out_ch = (Segment(units, groups, cout_g, 1, w_out),)
+    in_axis = (Segment(w_in, cin_g),) if w_in is not None else ctx.fresh(1, "size-1")
+    ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
+    return out_ch
 
 
 def conv_module(ctx, node):
@@ -61,20 +80,21 @@ def conv_function(ctx, node):
 
 
 def conv_module_resize(module: nn.modules.conv._ConvNd, input_shape) -> None:
-    """Width attributes from the resized weight (a depthwise conv stays depthwise)."""
-    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    """Width attributes from the resized weight: a grouped convolution keeps its channels per
+    conv group and gains or loses whole conv groups (a depthwise conv stays depthwise)."""
+    per_group = module.out_channels // module.groups
     module.out_channels = module.weight.shape[0]
-    if depthwise:
-        module.groups = module.in_channels = module.out_channels
-    else:
-        module.in_channels = module.weight.shape[1] * module.groups
+    if module.groups > 1:
+        module.groups = module.out_channels // per_group
+    module.in_channels = module.weight.shape[1] * module.groups
 
 
 def conv_function_rewrite(node: fx.Node, r) -> None:
-    """A functional depthwise convolution takes groups = its (merged) channel count."""
+    """A functional grouped convolution keeps its channels per conv group: groups follows the
+    (merged) output channel count."""
     groups = arg(node, 6, "groups", 1)
-    if isinstance(groups, int) and groups > 1 and groups == r.old[1] and r.new[1] != r.old[1]:
-        set_arg(node, 6, "groups", r.new[1])
+    if isinstance(groups, int) and groups > 1 and r.new[1] != r.old[1]:
+        set_arg(node, 6, "groups", r.new[1] // (r.old[1] // groups))
 
 
 def _tuple(v, n):
