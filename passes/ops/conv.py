@@ -1,10 +1,11 @@
 """Convolutions (nn.Conv1d/2d/3d and F.conv1d/2d/3d with parameter weights).
 
 Inference: a groups=1 convolution maps its input channels (contracted, role "in") to fresh
-output channels; a depthwise convolution keeps its channel group; other grouped convolutions
-freeze their channels. Fill: groups=1 1-D and 2-D convolutions with zero padding are solved
-by least squares over im2col patches; depthwise kernels are mapped per channel; the rest are
-mapped with a note. Multiply-accumulates: weight entries x output positions.
+output channels; a depthwise convolution keeps its channel group; in other grouped convolutions
+the conv groups are units shared by the input and output channels, with within groups for
+each unit's input and output entries. Fill: groups=1 1-D and 2-D convolutions with zero padding are solved
+by least squares over im2col patches (grouped ones conv group by conv group); depthwise
+kernels are mapped per channel; the rest are mapped with a note. Multiply-accumulates: weight entries x output positions.
 """
 from __future__ import annotations
 
@@ -47,16 +48,28 @@ def _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes):
     per-group input axis holds the input within entries (their units on the output axis).
     Frozen where the input channels cannot take that structure."""
     cin_g, cout_g = c_in // groups, c_out // groups
+    lay = x[1]
+    if (len(lay) == 1 and not ctx.is_frozen(lay) and lay[0].outer == 1 and lay[0].within is None
+            and lay[0].inner > cin_g and lay[0].inner % cin_g == 0):
+        # coarser units than conv groups (after a channel shuffle): each unit holds whole conv
+        # groups, whose entries keep their order
+        seg = lay[0]
+        out_ch = (Segment(seg.group, seg.size, seg.inner // cin_g * cout_g),)
+        ctx.param(weight, [out_ch, ctx.fresh(cin_g, "constant"), *kernel_axes],
+                  ["out", "in"] + ["out"] * len(kernel_axes))
+        return out_ch
     units = ctx.uf.new(groups)
     w_in = ctx.uf.new_within(cin_g, units) if cin_g > 1 else None
     w_out = ctx.uf.new_within(cout_g, units) if cout_g > 1 else None
     in_ch = ctx.unify(x[1], (Segment(units, groups, cin_g, 1, w_in),))
-    if ctx.is_frozen(in_ch):
+    lay = ctx.rewritten(in_ch)
+    if ctx.is_frozen(in_ch) or len(lay) != 1 or (lay[0].size, lay[0].inner, lay[0].outer) != (groups, cin_g, 1):
         reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups}) on channels of another structure")
+        ctx.freeze(lay, reason)
         out_ch = ctx.fresh(c_out, reason)
         ctx.param(weight, [out_ch, ctx.fresh(cin_g, reason), *kernel_axes])
         return out_ch
-    out_ch = (Segment(units, groups, cout_g, 1, w_out),)
+    out_ch = (Segment(lay[0].group, groups, cout_g, 1, w_out),)
     in_axis = (Segment(w_in, cin_g),) if w_in is not None else ctx.fresh(1, "size-1")
     ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
     return out_ch
@@ -108,8 +121,6 @@ def _conv_weight(node, weight_name, bias_name, weight, groups, stride, padding, 
     if groups > 1 and c_in_per_group == 1 and groups == c_out:
         return WeightNode(node.name, weight_name, bias_name, "depthwise")
     mapped = lambda why: WeightNode(node.name, weight_name, bias_name, "mapped", note=why)
-    if groups > 1:
-        return mapped(f"grouped convolution (groups={groups}) is mapped, not solved")
     if dims == 3:
         return mapped("3-D convolution is mapped, not solved")
     if padding_mode != "zeros":
@@ -124,7 +135,8 @@ def _conv_weight(node, weight_name, bias_name, weight, groups, stride, padding, 
     padding, stride = _tuple(padding, dims), _tuple(stride, dims)
     if dims == 1:  # a 1-D convolution is a 2-D one of height 1
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
-    return WeightNode(node.name, weight_name, bias_name, "conv", kernel, stride, padding, dilation)
+    kind = "conv" if groups == 1 else "grouped"  # grouped: solved conv group by conv group
+    return WeightNode(node.name, weight_name, bias_name, kind, kernel, stride, padding, dilation)
 
 
 def conv_module_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:
