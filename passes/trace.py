@@ -39,7 +39,10 @@ class _Tracer(fx.Tracer):
         self.extra_leaves = extra_leaves
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.extra_leaves) or (module_spec(m) is not None and not isinstance(m, torch.nn.Sequential)):
+        if isinstance(m, self.extra_leaves):
+            return True
+        spec = module_spec(m)
+        if spec is not None and not isinstance(m, torch.nn.Sequential) and (spec.whole is None or spec.whole(m)):
             return True
         return super().is_leaf_module(m, qualname)
 

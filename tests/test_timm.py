@@ -39,3 +39,34 @@ def test_timm_cnn_is_covered_sound_and_exact(name):
     merged = pleas_fx.merge(a, b, x, 2.0, data)
     assert merged.meta["pleas_fx"]["frozen_hidden"]["frozen_units"] == 0
     assert relative_error(nets.run(merged, x), nets.ensemble(a, b, x)) < 1e-4
+
+
+class _UnknownGate(torch.nn.Module):
+    """An activation module pleas_fx has no spec for (its ops are plain tensor ops)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.5 * x)
+
+
+def test_norm_act_with_an_unknown_activation_module_is_traced_through():
+    """A BatchNormAct2d whose activation pleas_fx does not know as a module is not kept whole
+    (that would freeze its channels): it is traced as F.batch_norm and the activation's ops."""
+    from timm.layers import BatchNormAct2d
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=_UnknownGate),
+                                torch.nn.Conv2d(8, 4, 1))
+        return nets.randomize_norms(m.eval(), seed)
+
+    a, b = make(0), make(1)
+    x = torch.randn(2, 3, 8, 8)
+    report = describe_groups(a, x, check=True)
+    assert report.share_mergeable == 1.0, report.frozen_by_reason
+    assert report.check.passed
+    data = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    merged = pleas_fx.merge(a, b, x, 2.0, data)
+    assert relative_error(nets.run(merged, x), nets.ensemble(a, b, x)) < 1e-4

@@ -427,3 +427,33 @@ def test_real_minilm_bert_traced_with_transformers_fx():
     merged = pleas_fx.merge(traced, permuted, example, 1.0, data=[batch(8) for _ in range(2)], progress=False)
     with torch.no_grad():
         assert relative_error(merged(*args)["last_hidden_state"], reference) < 1e-4
+
+
+class RMSBlock(nn.Module):
+    """A pre-norm MLP block normalised by RMSNorm, as a module and as F.rms_norm (Llama style)."""
+
+    def __init__(self, dim: int = 12, hidden: int = 20):
+        super().__init__()
+        self.inp, self.norm = nn.Linear(6, dim), nn.RMSNorm(dim)
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gain = nn.Parameter(1 + torch.rand(dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.down(F.silu(self.up(self.norm(h))))
+        return self.head(F.rms_norm(h, (h.shape[-1],), self.gain, 1e-6))
+
+
+def test_rmsnorm_module_and_function_permute_with_the_stream():
+    from pleas_fx.inspection import describe_groups
+
+    torch.manual_seed(0)
+    a = RMSBlock().eval()
+    x = torch.randn(5, 6)
+    report = describe_groups(a, x, check=True)
+    assert report.share_mergeable == 1.0, report.frozen_by_reason
+    assert report.check.passed
+    _, _, permuted, _ = nets.permuted_copy(a, x, 1)
+    merged = pleas_fx.merge(a, permuted, x, 1.0, nets.batches((6,), 2, 0, batch_size=8))
+    assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4

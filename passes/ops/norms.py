@@ -1,6 +1,6 @@
 """Normalisations: BatchNorm (per channel; folded into the weight node before it, or merged
 in affine form; module or F.batch_norm), InstanceNorm (per channel), LayerNorm (over the last
-axes), GroupNorm (channel blocks: units with a within group, like attention heads).
+axes; RMSNorm likewise), GroupNorm (channel blocks: units with a within group, like attention heads).
 
 A norm that mixes several features of a widened axis in a way no structure expresses
 (LayerNorm over several axes) freezes that axis with the reason.
@@ -63,14 +63,24 @@ def layernorm_resize(module: nn.LayerNorm, input_shape) -> None:
 
 
 def layernorm_function(ctx, node):
+    """F.layer_norm(input, normalized_shape, weight, bias, eps)."""
+    return _functional_last_axes_norm(ctx, node, "layer_norm", ((2, "weight"), (3, "bias")))
+
+
+def rmsnorm_function(ctx, node):
+    """F.rms_norm(input, normalized_shape, weight, eps): LayerNorm's structure, no bias."""
+    return _functional_last_axes_norm(ctx, node, "rms_norm", ((2, "weight"),))
+
+
+def _functional_last_axes_norm(ctx, node, what, params):
     x = ctx.layouts(arg(node, 0, "input"))
     shape = arg(node, 1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    _normalised_axes(ctx, x, k, "layer_norm")
+    _normalised_axes(ctx, x, k, what)
     if k == 1:
-        _link_channel_params(ctx, node, x[-1], ((2, "weight"), (3, "bias")))
+        _link_channel_params(ctx, node, x[-1], params)
         return list(x)
-    for i, name in ((2, "weight"), (3, "bias")):
+    for i, name in params:
         p = arg(node, i, name)
         if ctx.is_tensor(p):
             for a, b in zip(ctx.layouts(p), x[-k:]):
@@ -188,6 +198,9 @@ def instancenorm_function(ctx, node):
 register_op(*BATCHNORMS, spec=OpSpec(infer=batchnorm, resize=batchnorm_resize, norm=batchnorm_norm))
 register_op(nn.LayerNorm, spec=OpSpec(infer=layernorm_module, resize=layernorm_resize))
 register_op(F.layer_norm, spec=OpSpec(infer=layernorm_function, rewrite=layernorm_function_rewrite))
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_op(nn.RMSNorm, spec=OpSpec(infer=layernorm_module, resize=layernorm_resize))
+    register_op(F.rms_norm, spec=OpSpec(infer=rmsnorm_function, rewrite=layernorm_function_rewrite))
 register_op(nn.GroupNorm, spec=OpSpec(infer=groupnorm, resize=groupnorm_resize))
 register_op(F.group_norm, spec=OpSpec(infer=groupnorm_function, rewrite=groupnorm_function_rewrite))
 register_op(F.batch_norm, spec=OpSpec(infer=batchnorm_function, norm=batchnorm_function_norm))

@@ -59,6 +59,9 @@ class OpSpec:
 
     infer: Handler
     resize: Callable[[torch.nn.Module, Any], None] | None = None
+    # module ops: whether a module is kept whole when tracing (default: always); False traces
+    # through it (e.g. a norm-act module whose activation pleas_fx does not know as a module)
+    whole: Callable[[torch.nn.Module], bool] | None = None
     rewrite: Callable[[fx.Node, Resizing], None] | None = None
     weight: Callable[[fx.Node, fx.GraphModule], WeightNode | None] | None = None
     norm: Callable[[fx.Node, fx.GraphModule], NormNode | None] | None = None

@@ -1,6 +1,7 @@
 """timm's layers that pleas_fx keeps whole when tracing (timm marks them not to be traced, or
 they cannot be): BatchNormAct2d and its variants (a BatchNorm, then an elementwise activation:
-per channel, folded into the convolution before it), Conv2dSame (a convolution with
+per channel, folded into the convolution before it; traced through, as F.batch_norm and the
+activation's ops, when its activation is a module pleas_fx does not know), Conv2dSame (a convolution with
 TensorFlow-style "same" padding, solved with that exact padding), the weight-standardised
 convolutions (channels as a convolution's, weights mapped), and the "same"-padded pools.
 Nothing is registered when timm is not installed."""
@@ -75,7 +76,8 @@ def std_conv_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:
 
 if _norm_act is not None:
     _norm_acts = [getattr(_norm_act, n) for n in ("BatchNormAct2d", "SyncBatchNormAct") if hasattr(_norm_act, n)]
-    register_op(*_norm_acts, spec=OpSpec(infer=norm_act, resize=batchnorm_resize, norm=norm_act_norm))
+    register_op(*_norm_acts, spec=OpSpec(infer=norm_act, resize=batchnorm_resize, norm=norm_act_norm,
+                                         whole=_elementwise_tail))
     register_op(Conv2dSame, spec=OpSpec(infer=conv_module, resize=conv_module_resize, weight=conv_same_weight))
     register_op(StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame,
                 spec=OpSpec(infer=conv_module, resize=conv_module_resize, weight=std_conv_weight))

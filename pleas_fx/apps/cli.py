@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from pleas_fx.apps.evaluation import EvaluationError, budget_dir, evaluate, plot_accuracy
 from pleas_fx.core.errors import one_line
 
 log = logging.getLogger("pleas_fx")
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from pleas_fx.core.errors import PleasError
 
-        known = isinstance(exc, (CliError, PleasError, OSError, ValueError))
+        known = isinstance(exc, (CliError, EvaluationError, PleasError, OSError, ValueError))
         prefix = "" if known else f"internal error ({type(exc).__name__}, rerun with --debug for the traceback): "
         print(f"{PROG} merge: error: {prefix}{one_line(exc)}", file=sys.stderr)
         return 1
@@ -143,16 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------ merge
-def _budget_dir(b: float) -> str:
-    return f"budget_{b:g}"
-
-
 def _validate(args) -> tuple[list[float], dict, Path]:
     budgets = list(args.budget)
     for b in budgets:
         if not math.isfinite(b) or not 1.0 <= b <= 2.0:
             raise UsageError(f"budget {b:g} is outside [1, 2] (1: the size of one model, 2: both models whole)")
-    names = [_budget_dir(b) for b in budgets]
+    names = [budget_dir(b) for b in budgets]
     if len(set(names)) != len(names):
         raise UsageError(f"budget {next(b for b, n in zip(budgets, names) if names.count(n) > 1):g} is given twice")
     for opt in ("image_size", "channels", "batch_size", "batches", "eval_batches"):
@@ -282,14 +279,15 @@ def _merge_command(args, argv: list[str]) -> int:
     try:
         t = time.perf_counter()
         for b, m in zip(budgets, merged):
-            pleas_fx.io.save(m, tmp / _budget_dir(b))
+            pleas_fx.io.save(m, tmp / budget_dir(b))
         timings["save"] = time.perf_counter() - t
 
         evaluation = None
         if eval_source is not None:
             t = time.perf_counter()
-            evaluation = _evaluate(model_a, model_b, budgets, merged, eval_source, args, device)
-            _plot(tmp / "accuracy.png", args.model, budgets, merged, evaluation)
+            evaluation = evaluate(model_a, model_b, budgets, merged, eval_source, args, device,
+                                  progress=_progress_enabled(args))
+            plot_accuracy(tmp / "accuracy.png", args.model, budgets, merged, evaluation)
             evaluation["plot"] = "accuracy.png"
             timings["evaluate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
@@ -305,7 +303,7 @@ def _merge_command(args, argv: list[str]) -> int:
             "device": str(device),
             "budgets": budgets,
             "models": [
-                {"budget": b, "path": _budget_dir(b), **m.meta.get("pleas_fx", {})} for b, m in zip(budgets, merged)
+                {"budget": b, "path": budget_dir(b), **m.meta.get("pleas_fx", {})} for b, m in zip(budgets, merged)
             ],
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "evaluation": evaluation,
@@ -319,69 +317,6 @@ def _merge_command(args, argv: list[str]) -> int:
     return 0
 
 
-def _evaluate(model_a, model_b, budgets, merged, source, args, device) -> dict[str, Any]:
-    import torch
-    from tqdm.auto import tqdm
-
-    batches = source.batches(args.batch_size, args.eval_batches, labels=True)
-    correct = {"model_a": 0, "model_b": 0, "ensemble": 0, **{_budget_dir(b): 0 for b in budgets}}
-    total = 0
-    with torch.no_grad():
-        for x, y in tqdm(batches, desc="pleas_fx evaluate", unit="batch", disable=not _progress_enabled(args)):
-            x, y = x.to(device), y.to(device)
-            la, lb = model_a(x), model_b(x)
-            if int(y.max()) >= la.shape[1] or int(y.min()) < 0:
-                raise CliError(f"--eval labels range over {int(y.min())}..{int(y.max())} but the model has "
-                               f"{la.shape[1]} outputs")
-            correct["model_a"] += int((la.argmax(1) == y).sum())
-            correct["model_b"] += int((lb.argmax(1) == y).sum())
-            correct["ensemble"] += int(((la + lb).argmax(1) == y).sum())
-            for b, m in zip(budgets, merged):
-                correct[_budget_dir(b)] += int((m(x).argmax(1) == y).sum())
-            total += int(y.numel())
-    acc = {k: 100.0 * v / max(total, 1) for k, v in correct.items()}
-    return {
-        "data": source.description,
-        "samples": total,
-        "accuracy": {
-            "model_a": acc["model_a"], "model_b": acc["model_b"], "ensemble": acc["ensemble"],
-            "merged": [{"budget": b, "achieved_budget": m.meta.get("pleas_fx", {}).get("achieved_budget", b),
-                        "accuracy": acc[_budget_dir(b)]} for b, m in zip(budgets, merged)],
-        },
-    }
-
-
-def _plot(path: Path, model_name: str, budgets, merged, evaluation: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    acc = evaluation["accuracy"]
-    points = sorted((p["achieved_budget"], p["accuracy"], p["budget"]) for p in acc["merged"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    try:
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="C3", lw=2, label="PLeaS merged")
-        for x, y, b in points:
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-        ax.axhline(acc["ensemble"], color="C2", ls="-", lw=1.5, label=f"ensemble, 2x ({acc['ensemble']:.1f})")
-        ax.axhline(acc["model_a"], color="C0", ls="--", lw=1.5, label=f"model A, 1x ({acc['model_a']:.1f})")
-        ax.axhline(acc["model_b"], color="C1", ls=":", lw=1.8, label=f"model B, 1x ({acc['model_b']:.1f})")
-        ax.set_xlim(0.95, 2.05)
-        lo = min([acc["model_a"], acc["model_b"], acc["ensemble"]] + [p[1] for p in points])
-        hi = max([acc["model_a"], acc["model_b"], acc["ensemble"]] + [p[1] for p in points])
-        ax.set_ylim(max(0.0, lo - 5), min(100.0, hi + 5) if hi + 5 > lo else lo + 10)
-        ax.set_xlabel("parameters relative to one model (budget)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"{model_name}: accuracy against budget ({evaluation['samples']} samples)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
-
-
 def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
     acc = {p["budget"]: p["accuracy"] for p in evaluation["accuracy"]["merged"]} if evaluation else {}
     lines = [f"merged {args.model} at {len(budgets)} budget{'s' if len(budgets) > 1 else ''} in "
@@ -393,7 +328,7 @@ def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
         row = f"  {b:>6g}  {r.get('achieved_budget', float('nan')):>8.3f}  {r.get('parameters', 0):>10}"
         if acc:
             row += f"  {acc[b]:>7.1f}%"
-        lines.append(row + f"  {out / _budget_dir(b)}")
+        lines.append(row + f"  {out / budget_dir(b)}")
     if evaluation:
         a = evaluation["accuracy"]
         lines.append(f"  model A {a['model_a']:.1f}%, model B {a['model_b']:.1f}%, ensemble {a['ensemble']:.1f}% "

@@ -110,7 +110,7 @@ def hidden_frozen(spec) -> tuple[int, int, list[str]]:
         total += g.size
         if g.frozen:
             frozen += g.size
-            reasons.extend(g.reasons)
+            reasons.extend(str(r) for r in g.reasons)
     return total, frozen, reasons
 
 
