@@ -159,13 +159,24 @@ def test_product_self_merge_and_budget_two(cfg, seed):
 
 
 # --------------------------------------------------------------------------- torchvision
-TORCHVISION = ["resnext50_32x4d", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x0_5"]
+TORCHVISION = ["resnext_small", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x0_5"]
 
 
 @functools.lru_cache(maxsize=2)
 def _tv(name, seed):
     torch.manual_seed(seed)
-    return nets.randomize_norms(torchvision.models.get_model(name, weights=None, num_classes=10), seed).eval()
+    if name == "resnext_small":  # torchvision's ResNeXt blocks, one per stage (CI time)
+        from torchvision.models.resnet import Bottleneck, ResNet
+        model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, groups=8, width_per_group=4)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    return nets.randomize_norms(model, seed).eval()
+
+
+def test_resnext50_is_sound_and_unfrozen():
+    report = describe_groups(torchvision.models.resnext50_32x4d(), torch.randn(1, 3, 16, 16), check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert report.check.passed, report.check
 
 
 @pytest.mark.parametrize("name", TORCHVISION)
