@@ -28,10 +28,14 @@ from pleas_fx.passes.verify import relative_error
 class Grouped(nn.Module):
     """1x1 conv -> BN -> ReLU -> grouped 3x3 conv -> BN -> ReLU [-> SE gate] -> 1x1 conv, residual."""
 
-    def __init__(self, c, groups, per_in, per_out, se, functional):
+    def __init__(self, c, groups, per_in, per_out, se, functional, concat=False):
         super().__init__()
         mid, out = groups * per_in, groups * per_out
         self.c1 = nn.Sequential(nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        # concat: the grouped conv reads two branches' channels, cut at a conv-group boundary
+        first = groups // 2 * per_in
+        self.c1b = nn.Sequential(nn.Conv2d(c, mid - first, 3, padding=1), nn.ReLU()) if concat else None
+        self.first = first
         self.functional, self.groups = functional, groups
         self.c2 = nn.Conv2d(mid, out, 3, padding=1, groups=groups, bias=True)
         self.bn2 = nn.BatchNorm2d(out)
@@ -41,6 +45,8 @@ class Grouped(nn.Module):
 
     def forward(self, x):
         y = self.c1(x)
+        if self.c1b is not None:
+            y = torch.cat([y[:, :self.first], self.c1b(x)], 1)
         if self.functional:
             y = F.conv2d(y, self.c2.weight, self.c2.bias, 1, 1, 1, self.groups)
         else:
@@ -109,7 +115,7 @@ def product_configs(draw):
         else:
             blocks.append(("grouped", {"groups": draw(st.integers(2, 4)), "per_in": draw(st.integers(1, 3)),
                                        "per_out": draw(st.integers(1, 3)), "se": draw(st.booleans()),
-                                       "functional": draw(st.booleans())}))
+                                       "functional": draw(st.booleans()), "concat": draw(st.booleans())}))
     stem = draw(st.integers(2, 5))
     if any(k == "shuffle" for k, _ in blocks):
         stem = 2 * draw(st.integers(2, 4))  # halves of whole units, however the shuffles coarsen them

@@ -58,17 +58,35 @@ def _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes):
         ctx.param(weight, [out_ch, ctx.fresh(cin_g, "constant"), *kernel_axes],
                   ["out", "in"] + ["out"] * len(kernel_axes))
         return out_ch
-    units = ctx.uf.new(groups)
-    w_in = ctx.uf.new_within(cin_g, units) if cin_g > 1 else None
-    w_out = ctx.uf.new_within(cout_g, units) if cout_g > 1 else None
-    in_ch = ctx.unify(x[1], (Segment(units, groups, cin_g, 1, w_in),))
-    lay = ctx.rewritten(in_ch)
-    if ctx.is_frozen(in_ch) or len(lay) != 1 or (lay[0].size, lay[0].inner, lay[0].outer) != (groups, cin_g, 1):
+    # every segment of the input channels (one group, or a concat's pieces) becomes whole conv
+    # groups as units, each unit's entries with a within group
+    template = []
+    for seg in lay:
+        if seg.numel % cin_g:
+            break
+        units = ctx.uf.new(seg.numel // cin_g)
+        template.append(Segment(units, seg.numel // cin_g, cin_g, 1, ctx.uf.new_within(cin_g, units) if cin_g > 1 else None))
+    in_ch = ctx.unify(lay, tuple(template)) if len(template) == len(lay) and not ctx.is_frozen(lay) else lay
+    in_ch = ctx.rewritten(in_ch)
+    if ctx.is_frozen(in_ch) or any((s.inner, s.outer) != (cin_g, 1) for s in in_ch):
         reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups}) on channels of another structure")
-        ctx.freeze(lay, reason)
+        ctx.freeze(in_ch, reason)
         out_ch = ctx.fresh(c_out, reason)
         ctx.param(weight, [out_ch, ctx.fresh(cin_g, reason), *kernel_axes])
         return out_ch
+    w_out: dict[int, int | None] = {}
+    for seg in in_ch:  # a within group for the output entries where matching can see them: the
+        # output is one segment (several: each conv group's outputs keep their order)
+        w_out[ctx.uf.find(seg.group)] = ctx.uf.new_within(cout_g, seg.group) if cout_g > 1 and len(in_ch) == 1 else None
+    out_ch = tuple(Segment(s.group, s.size, cout_g, 1, w_out[ctx.uf.find(s.group)]) for s in in_ch)
+    in_axis = ctx.fresh(1, "size-1")
+    if cin_g > 1:  # the weight's per-group input entries: every input within group (several: frozen)
+        in_axis = (Segment(in_ch[0].within, cin_g),) if in_ch[0].within is not None else ctx.fresh(cin_g, "constant")
+        for seg in in_ch[1:]:
+            other = (Segment(seg.within, cin_g),) if seg.within is not None else ctx.fresh(cin_g, "constant")
+            in_axis = ctx.unify(in_axis, other)
+    ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
+    return out_ch
     out_ch = (Segment(lay[0].group, groups, cout_g, 1, w_out),)
     in_axis = (Segment(w_in, cin_g),) if w_in is not None else ctx.fresh(1, "size-1")
     ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
