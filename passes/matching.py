@@ -112,6 +112,8 @@ def activation_costs(spec: GroupSpec, stats: Statistics, align: bool = True) -> 
         for site in g.sites:
             if site.within is None and not (site.unaligned and within_sites):
                 c = _site_cost(stats, site)
+                if c is not None and site.entries:  # units x entries: entry r with entry r
+                    c = _within_unit_costs(c, g.size, align=False)[0]
                 if c is not None:
                     total += c
                     used += 1

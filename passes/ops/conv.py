@@ -65,7 +65,8 @@ def _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes):
         if seg.numel % cin_g:
             break
         units = ctx.uf.new(seg.numel // cin_g)
-        template.append(Segment(units, seg.numel // cin_g, cin_g, 1, ctx.uf.new_within(cin_g, units) if cin_g > 1 else None))
+        within = ctx.uf.new_within(cin_g, units) if cin_g > 1 and len(lay) == 1 else None  # (several pieces:
+        template.append(Segment(units, seg.numel // cin_g, cin_g, 1, within))  # one weight axis can't follow them)
     in_ch = ctx.unify(lay, tuple(template)) if len(template) == len(lay) and not ctx.is_frozen(lay) else lay
     in_ch = ctx.rewritten(in_ch)
     if ctx.is_frozen(in_ch) or any((s.inner, s.outer) != (cin_g, 1) for s in in_ch):

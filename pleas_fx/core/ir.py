@@ -77,11 +77,11 @@ class Site:
     axis: int
     within: int | None = None
     within_axis: int | None = None
-    # a units-only site on a tensor that also holds the units' within entries: its unit costs
-    # compare entry r with entry r, so matching that aligns entries leaves it out
+    # a units-only site on a tensor also holding the units' within entries: matching that aligns entries leaves it out
     unaligned: bool = False
     start: int | None = None
     size: int | None = None
+    entries: bool = False  # the axis is units x entries in a fixed order (no within group): unit costs compare r with r
 
     @property
     def key(self) -> tuple:
