@@ -198,3 +198,22 @@ def test_torchvision_product_models_are_merged(name):
     if report.frozen_hidden_units == 0:  # frozen units are averaged even at budget 2
         two = pleas_fx.merge(a, b, x, 2.0, data, progress=False, max_ls_dim=1200)
         assert relative_error(nets.run(two, x), nets.ensemble(a, b, x)) < 1e-4
+
+
+def test_merged_grouped_and_shuffled_models_save_and_load(tmp_path):
+    """Widened conv groups (the `groups` attribute grew) and a functional grouped conv's
+    rewritten groups argument survive save/load."""
+    from pleas_fx.io import load, save
+
+    cfg = {"stem": 8, "classes": 3, "blocks": [
+        ("grouped", {"groups": 2, "per_in": 2, "per_out": 3, "se": True, "functional": True, "concat": False}),
+        ("shuffle", {"downsample": False}),
+        ("grouped", {"groups": 4, "per_in": 1, "per_out": 2, "se": False, "functional": False, "concat": True})]}
+    a, b = _build(cfg, 0), _build(cfg, 1)
+    x, data = _data(0)
+    for m in pleas_fx.merge(a, b, x, [1.5, 2.0], data, progress=False):
+        assert m.meta["pleas_fx"]["frozen"] == []
+        assert any(mod.groups > 2 for mod in m.modules() if isinstance(mod, nn.Conv2d) and mod.groups > 1)
+        loaded = load(save(m, tmp_path / f"m{len(list(tmp_path.iterdir()))}"))
+        with torch.no_grad():
+            assert torch.equal(loaded(x), m(x))
