@@ -217,3 +217,28 @@ def test_merged_grouped_and_shuffled_models_save_and_load(tmp_path):
         loaded = load(save(m, tmp_path / f"m{len(list(tmp_path.iterdir()))}"))
         with torch.no_grad():
             assert torch.equal(loaded(x), m(x))
+
+
+class PositionBias(nn.Module):
+    """A per-head relative position bias looked up from a table by an index buffer (MaxViT, Swin),
+    added to per-head scores computed by a linear layer."""
+
+    def __init__(self, c=6, heads=3, n=4):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn((2 * n - 1), heads))
+        idx = torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1
+        self.register_buffer("index", idx)
+        self.scores, self.out, self.n = nn.Linear(c, heads), nn.Linear(heads, 2), n
+
+    def forward(self, x):  # x: (B, n, c)
+        bias = self.table[self.index.view(-1)].view(self.n, self.n, -1).mean(1)  # (n, heads)
+        return self.out(F.relu(self.scores(x) + bias))
+
+
+def test_relative_position_table_lookup_keeps_the_heads_axis():
+    model = PositionBias().eval()
+    x = torch.randn(2, 4, 6)
+    report = describe_groups(model, x, check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert report.check.max_deviation < 1e-12, report.check
+    assert any(p.name == "table" and p.axis == 1 for g in report.groups for p in g.params)
