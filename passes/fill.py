@@ -19,11 +19,13 @@ import torch
 import torch.fx as fx
 
 from pleas_fx.core.errors import InternalError, PleasError
-from pleas_fx.core.fxutil import getattr_path, param_value
+from pleas_fx.core.fxutil import getattr_path, node_shape, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
+from pleas_fx.passes.grouped_solve import solve_grouped
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.statistics import Statistics
 from pleas_fx.passes.weights import WeightPlan
+from pleas_fx.passes.within_axes import realign_b
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class _Filler:
 
     def zip_param(self, name: str) -> torch.Tensor:
         ta, tb = self.source(name)
+        tb = realign_b(tb, self.spec, self.spec.param_layouts[name], self.plans)
         maps = [axis_map(lay, self.plans, self.frozen) for lay in self.spec.param_layouts[name]]
         return zip_tensors(ta, tb, maps, self.spec.param_roles[name])
 
@@ -97,16 +100,22 @@ class _Filler:
             ba, bb = sa * ba + ha, sb * bb + hb
         has_bias = w.bias is not None or norm is not None
         out_map = self.amap(w.weight, 0)
-        in_map = self.amap(w.weight, 1, inner=w.taps)
+        in_map = self.amap(w.weight, 1, inner=w.taps) if w.kind != "grouped" else self.input_map(w)
         if not (out_map.pairwise and in_map.pairwise):
             raise PleasError(f"{w.node}: least squares needs plans that merge features of A with "
                              f"features of B only (ZipIt!-style plans are filled with solve='mapped')")
         S = self.stats.least_squares[w.node].mean()
         key = ("source_targets", w.node)  # budget-independent: cached across budgets
-        if key not in self.stats.cache:
+        if key not in self.stats.cache and w.kind != "grouped":
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
-        sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
-                          "regmean" if self.solve == "regmean" else "least_squares")
+        method = "regmean" if self.solve == "regmean" else "least_squares"
+        if w.kind == "grouped":
+            per_in = getattr_path(self.gm_a, w.weight).shape[1] * w.taps
+            sol = solve_grouped(S, (wa, ba, wb, bb), in_map, out_map, per_in, self.per_out(w), has_bias,
+                                self.ridge, method)
+        else:
+            sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
+                              method)
         if sol.fallback:
             self.notes.append(f"{w.node}: least squares ill-conditioned; used the mapped weights")
         shape = getattr_path(self.merged, w.weight).shape
@@ -119,6 +128,17 @@ class _Filler:
             self.write(w.weight, sol.weight.reshape(shape))
             if w.bias:
                 self.write(w.bias, sol.bias)
+
+    def input_map(self, w: WeightNode) -> AxisMap:
+        """A grouped conv's input channels (im2col order: each channel's taps in a row)."""
+        node = next(n for n in self.gm_a.graph.nodes if n.name == w.node)
+        return axis_map(self.spec.node_layouts[node.args[0].name][1], self.plans, self.frozen, w.taps)
+
+    def per_out(self, w: WeightNode) -> int:
+        """Output channels per conv group of a grouped conv."""
+        node = next(n for n in self.gm_a.graph.nodes if n.name == w.node)
+        weight = getattr_path(self.gm_a, w.weight)
+        return weight.shape[0] * weight.shape[1] // node_shape(node.args[0])[1]
 
     # -- per-channel nodes
     def depthwise(self, w: WeightNode) -> None:

@@ -141,9 +141,12 @@ def _check_within(ctx: InferenceContext, param_layouts: dict[str, list[Layout]],
                         continue
                     parent = uf.parent_of(seg.group)
                     unit_axes = [i for i, other in enumerate(lays) if any(s.group == parent for s in other)]
-                    if kind == "parameter":  # a weight axis map is one axis: it cannot follow the units
-                        why[seg.group] = FreezeReason("within", f"parameter {name} holds within entries on an axis of their own")
-                    elif len(unit_axes) != 1 or unit_axes[0] == axis:
+                    if kind == "parameter" and not (len(unit_axes) == 1 and unit_axes[0] != axis and len(lay) == 1
+                                                    and seg.inner == seg.outer == 1):
+                        # an axis of within entries follows the units of one other axis (a grouped
+                        # conv's per-group input entries, their units on the output axis)
+                        why[seg.group] = FreezeReason("within", f"parameter {name} holds within entries without one axis of their units")
+                    elif kind == "tensor" and (len(unit_axes) != 1 or unit_axes[0] == axis):
                         why[seg.group] = FreezeReason("within", f"tensor {name} holds within entries without one axis of their units")
     for w, reason in why.items():
         uf.freeze(w, reason)
@@ -193,6 +196,26 @@ def _add_segment_sites(gm: fx.GraphModule, groups: dict[int, Group], node_layout
                     if len(g.sites) >= SEGMENT_SITES:
                         unseen.discard(seg.group)
                 offset += seg.numel
+
+
+ENTRY_SITE_MAX = 4096  # entries of a units x entries site (its moments are that size squared)
+
+
+def _add_entry_sites(gm: fx.GraphModule, groups: dict[int, Group], node_layouts: dict[str, Any]) -> None:
+    """A mergeable group still without a site, seen as one segment of units with a few entries
+    each in a fixed order (conv groups after a channel shuffle or a concat), gets sites there."""
+    unseen = {g.id for g in groups.values() if not g.sites and not g.frozen and g.parent is None}
+    for node in gm.graph.nodes:
+        value = node_layouts.get(node.name)
+        if not unseen or node.op in ("placeholder", "get_attr", "output") or not value or isinstance(value[0], list):
+            continue
+        for axis, lay in enumerate(value):
+            seg = lay[0] if len(lay) == 1 else None
+            if (seg is not None and seg.group in unseen and seg.within is None and seg.outer == 1 and seg.inner > 1
+                    and seg.numel <= ENTRY_SITE_MAX):
+                groups[seg.group].sites.append(Site(node.name, axis, entries=True))
+                if len(groups[seg.group].sites) >= SEGMENT_SITES:
+                    unseen.discard(seg.group)
 
 
 def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> GroupSpec:
@@ -251,6 +274,7 @@ def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> Group
                 owner.sites.append(Site(node.name, axis, seg.within))
     _drop_repeated_within_sites(gm, groups)
     _add_segment_sites(gm, groups, node_layouts)
+    _add_entry_sites(gm, groups, node_layouts)
     # Frozen reasons worth reporting: limitations, not axes that can never be permuted.
     limitations = list(dict.fromkeys(frozen_reasons))
     for g in groups.values():

@@ -112,6 +112,8 @@ def activation_costs(spec: GroupSpec, stats: Statistics, align: bool = True) -> 
         for site in g.sites:
             if site.within is None and not (site.unaligned and within_sites):
                 c = _site_cost(stats, site)
+                if c is not None and site.entries:  # units x entries: entry r with entry r
+                    c = _within_unit_costs(c, g.size, align=False)[0]
                 if c is not None:
                     total += c
                     used += 1
@@ -212,7 +214,7 @@ def zipit_correlations(spec: GroupSpec, stats: Statistics) -> dict[int, np.ndarr
         corr, used = np.zeros((2 * g.size, 2 * g.size)), 0
         for site in g.sites:
             m = stats.sites.get(site.key)
-            if m is None or m.count == 0 or site.within is not None:  # unit features only
+            if m is None or m.count == 0 or site.within is not None or site.entries:  # unit features only
                 continue
             if m.aa is None:
                 raise PleasError("ZipIt! matching needs within-model site moments (collect_statistics(full_sites=True))")

@@ -13,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from pleas_fx.core.errors import InternalError
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import GroupPlan, GroupSpec, axis_map
+from pleas_fx.passes.within_axes import realign_b
 
 
 def random_permutations(spec: GroupSpec, seed: int = 0) -> dict[int, np.ndarray]:
@@ -42,7 +43,7 @@ def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarr
             tensor = getattr_path(out, name)
             if not torch.is_tensor(tensor):
                 continue
-            new = tensor
+            new = realign_b(tensor, spec, layouts, plans)
             for axis, lay in enumerate(layouts):
                 if all(s.group in frozen for s in lay) or (name, axis) in spec.broadcast_axes:
                     continue  # (a broadcast entry is every feature's: it does not move)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import getattr_path, node_shape
 from pleas_fx.core.ir import NormNode, WeightNode
 from pleas_fx.passes.ops import lookup_op
 
@@ -116,4 +116,7 @@ def _following_norm(node: fx.Node, norms: dict[str, NormNode]) -> NormNode | Non
 def _input_features(gm: fx.GraphModule, w: WeightNode) -> int:
     """Entries of one stacked-input side: in_features, or in_channels x kernel taps."""
     weight = getattr_path(gm, w.weight)
+    if w.kind == "grouped":  # the whole input's patches are measured; each conv group reads its own
+        node = next(n for n in gm.graph.nodes if n.name == w.node)
+        return int(node_shape(node.args[0])[1]) * w.taps
     return int(weight.shape[1]) * w.taps if w.kind == "conv" else int(weight.shape[1])

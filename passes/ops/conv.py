@@ -1,10 +1,11 @@
 """Convolutions (nn.Conv1d/2d/3d and F.conv1d/2d/3d with parameter weights).
 
 Inference: a groups=1 convolution maps its input channels (contracted, role "in") to fresh
-output channels; a depthwise convolution keeps its channel group; other grouped convolutions
-freeze their channels. Fill: groups=1 1-D and 2-D convolutions with zero padding are solved
-by least squares over im2col patches; depthwise kernels are mapped per channel; the rest are
-mapped with a note. Multiply-accumulates: weight entries x output positions.
+output channels; a depthwise convolution keeps its channel group; in other grouped convolutions
+the conv groups are units shared by the input and output channels, with within groups for
+each unit's input and output entries. Fill: groups=1 1-D and 2-D convolutions with zero padding are solved
+by least squares over im2col patches (grouped ones conv group by conv group); depthwise
+kernels are mapped per channel; the rest are mapped with a note. Multiply-accumulates: weight entries x output positions.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pleas_fx.core.fxutil import getattr_path
-from pleas_fx.core.ir import WeightNode
+from pleas_fx.core.ir import Segment, WeightNode
 from pleas_fx.passes.ops.common import arg, freeze_mixed_positions, is_attr, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
@@ -34,13 +35,63 @@ def _conv(ctx, x_node, groups, c_in, c_out, kernel, weight, bias):
         out_ch = x[1]
         ctx.param(weight, [out_ch, ctx.fresh(1, "size-1"), *kernel_axes])
     else:
-        reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups})")
-        ctx.freeze(x[1], reason)
-        out_ch = ctx.fresh(c_out, reason)
-        ctx.param(weight, [out_ch, ctx.fresh(c_in // groups, reason), *kernel_axes])
+        out_ch = _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes)
     if bias is not None:
         ctx.param(bias, [out_ch])
     return [x[0], out_ch, *spatial]
+
+
+def _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes):
+    """A grouped convolution: its `groups` conv groups are permutation units shared by the input
+    and output channels (unit u of the output reads only unit u of the input), each unit's input
+    and output entries permuted by within groups of their own, unit by unit. The weight's
+    per-group input axis holds the input within entries (their units on the output axis).
+    Frozen where the input channels cannot take that structure."""
+    cin_g, cout_g = c_in // groups, c_out // groups
+    lay = x[1]
+    if (len(lay) == 1 and not ctx.is_frozen(lay) and lay[0].outer == 1 and lay[0].within is None
+            and lay[0].inner > cin_g and lay[0].inner % cin_g == 0):
+        # coarser units than conv groups (after a channel shuffle): each unit holds whole conv
+        # groups, whose entries keep their order
+        seg = lay[0]
+        out_ch = (Segment(seg.group, seg.size, seg.inner // cin_g * cout_g),)
+        ctx.param(weight, [out_ch, ctx.fresh(cin_g, "constant"), *kernel_axes],
+                  ["out", "in"] + ["out"] * len(kernel_axes))
+        return out_ch
+    # every segment of the input channels (one group, or a concat's pieces) becomes whole conv
+    # groups as units, each unit's entries with a within group
+    template = []
+    for seg in lay:
+        if seg.numel % cin_g:
+            break
+        units = ctx.uf.new(seg.numel // cin_g)
+        within = ctx.uf.new_within(cin_g, units) if cin_g > 1 and len(lay) == 1 else None  # (several pieces:
+        template.append(Segment(units, seg.numel // cin_g, cin_g, 1, within))  # one weight axis can't follow them)
+    in_ch = ctx.unify(lay, tuple(template)) if len(template) == len(lay) and not ctx.is_frozen(lay) else lay
+    in_ch = ctx.rewritten(in_ch)
+    if ctx.is_frozen(in_ch) or any((s.inner, s.outer) != (cin_g, 1) for s in in_ch):
+        reason = ctx.reason("grouped conv", f"grouped convolution (groups={groups}) on channels of another structure")
+        ctx.freeze(in_ch, reason)
+        out_ch = ctx.fresh(c_out, reason)
+        ctx.param(weight, [out_ch, ctx.fresh(cin_g, reason), *kernel_axes])
+        return out_ch
+    w_out: dict[int, int | None] = {}
+    for seg in in_ch:  # a within group for the output entries where matching can see them: the
+        # output is one segment (several: each conv group's outputs keep their order)
+        w_out[ctx.uf.find(seg.group)] = ctx.uf.new_within(cout_g, seg.group) if cout_g > 1 and len(in_ch) == 1 else None
+    out_ch = tuple(Segment(s.group, s.size, cout_g, 1, w_out[ctx.uf.find(s.group)]) for s in in_ch)
+    in_axis = ctx.fresh(1, "size-1")
+    if cin_g > 1:  # the weight's per-group input entries: every input within group (several: frozen)
+        in_axis = (Segment(in_ch[0].within, cin_g),) if in_ch[0].within is not None else ctx.fresh(cin_g, "constant")
+        for seg in in_ch[1:]:
+            other = (Segment(seg.within, cin_g),) if seg.within is not None else ctx.fresh(cin_g, "constant")
+            in_axis = ctx.unify(in_axis, other)
+    ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
+    return out_ch
+    out_ch = (Segment(lay[0].group, groups, cout_g, 1, w_out),)
+    in_axis = (Segment(w_in, cin_g),) if w_in is not None else ctx.fresh(1, "size-1")
+    ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
+    return out_ch
 
 
 def conv_module(ctx, node):
@@ -61,20 +112,21 @@ def conv_function(ctx, node):
 
 
 def conv_module_resize(module: nn.modules.conv._ConvNd, input_shape) -> None:
-    """Width attributes from the resized weight (a depthwise conv stays depthwise)."""
-    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    """Width attributes from the resized weight: a grouped convolution keeps its channels per
+    conv group and gains or loses whole conv groups (a depthwise conv stays depthwise)."""
+    per_group = module.out_channels // module.groups
     module.out_channels = module.weight.shape[0]
-    if depthwise:
-        module.groups = module.in_channels = module.out_channels
-    else:
-        module.in_channels = module.weight.shape[1] * module.groups
+    if module.groups > 1:
+        module.groups = module.out_channels // per_group
+    module.in_channels = module.weight.shape[1] * module.groups
 
 
 def conv_function_rewrite(node: fx.Node, r) -> None:
-    """A functional depthwise convolution takes groups = its (merged) channel count."""
+    """A functional grouped convolution keeps its channels per conv group: groups follows the
+    (merged) output channel count."""
     groups = arg(node, 6, "groups", 1)
-    if isinstance(groups, int) and groups > 1 and groups == r.old[1] and r.new[1] != r.old[1]:
-        set_arg(node, 6, "groups", r.new[1])
+    if isinstance(groups, int) and groups > 1 and r.new[1] != r.old[1]:
+        set_arg(node, 6, "groups", r.new[1] // (r.old[1] // groups))
 
 
 def _tuple(v, n):
@@ -88,8 +140,6 @@ def _conv_weight(node, weight_name, bias_name, weight, groups, stride, padding, 
     if groups > 1 and c_in_per_group == 1 and groups == c_out:
         return WeightNode(node.name, weight_name, bias_name, "depthwise")
     mapped = lambda why: WeightNode(node.name, weight_name, bias_name, "mapped", note=why)
-    if groups > 1:
-        return mapped(f"grouped convolution (groups={groups}) is mapped, not solved")
     if dims == 3:
         return mapped("3-D convolution is mapped, not solved")
     if padding_mode != "zeros":
@@ -104,7 +154,8 @@ def _conv_weight(node, weight_name, bias_name, weight, groups, stride, padding, 
     padding, stride = _tuple(padding, dims), _tuple(stride, dims)
     if dims == 1:  # a 1-D convolution is a 2-D one of height 1
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
-    return WeightNode(node.name, weight_name, bias_name, "conv", kernel, stride, padding, dilation)
+    kind = "conv" if groups == 1 else "grouped"  # grouped: solved conv group by conv group
+    return WeightNode(node.name, weight_name, bias_name, kind, kernel, stride, padding, dilation)
 
 
 def conv_module_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:

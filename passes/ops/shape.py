@@ -68,6 +68,9 @@ def reshape(ctx, node):
                 ctx.freeze([(Segment(w, 1),) for w in withins],
                            ctx.reason("within", "reshape splits within-unit entries"))
                 parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
+            if parts is None and len(x[ins[0]]) > 1:  # a concat viewed as (pieces, entries): a channel shuffle
+                parts = _stack_pieces(ctx, x[ins[0]], sizes)
+                x = ctx.rewritten(x)
             if parts is None and _refine_for_split(ctx, x[ins[0]], sizes):
                 x = ctx.layouts(node.args[0])
                 parts = unflatten_layout(x[ins[0]], sizes, ctx.is_frozen, ctx.within_size)
@@ -81,6 +84,39 @@ def reshape(ctx, node):
             ctx.freeze([x[i] for i in ins], ctx.reason("reshape", "reshape regroups axes", f"{in_sizes} -> {out_sizes}"))
     return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "spatial")
             for lay, n in zip(out, out_sizes)]
+
+
+def _stack_pieces(ctx, layout: Layout, sizes: list[int]) -> list[Layout | None] | None:
+    """An axis of several segments viewed as (g, n / g) (a channel shuffle's first step, ShuffleNet's
+    concat of two branches viewed as (2, C/2)): cut it into the g pieces of n / g entries and link
+    the pieces (their common refinement), so that the new n / g axis carries the one layout every
+    piece shares and the g axis, which picks the piece, is frozen. Every permutation left permutes
+    all pieces alike: a subgroup of the old ones. None (nothing linked) where it does not apply."""
+    live = [i for i, n in enumerate(sizes) if n != 1]
+    if len(live) != 2 or ctx.is_frozen(layout):
+        return None
+    g, n = sizes[live[0]], sizes[live[1]]
+    cut = ctx.split_at(layout, [k * n for k in range(1, g)])
+    if cut is None:
+        return None
+    pieces, offset, current = [], 0, []
+    for seg in cut:
+        current.append(seg)
+        offset += seg.numel
+        if offset % n == 0:
+            pieces.append(tuple(current))
+            current = []
+    if len(pieces) != g or current:
+        return None
+    joined = pieces[0]
+    for piece in pieces[1:]:
+        joined = ctx.unify(ctx.rewritten(joined), ctx.rewritten(piece))
+    joined = ctx.rewritten(joined)
+    if ctx.is_frozen(joined):
+        return None
+    out: list[Layout | None] = [None] * len(sizes)
+    out[live[1]] = joined
+    return out
 
 
 def _refine_for_split(ctx, layout: Layout, sizes: list[int]) -> bool:

@@ -15,7 +15,7 @@ import torch.fx as fx
 from pleas_fx.core.fxutil import node_shape
 from pleas_fx.core.ir import Layout
 from pleas_fx.passes.layout_ops import TupleLayouts, slice_layout
-from pleas_fx.passes.ops.common import arg, set_arg, unknown
+from pleas_fx.passes.ops.common import arg, is_attr, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 
@@ -129,7 +129,22 @@ def getitem(ctx, node):
     return _index_tensor(ctx, node, value, index)
 
 
+def _lookup(ctx, node, x, index):
+    """table[idx] with an integer index tensor into a parameter's rows (a relative position bias
+    table): the rows are looked up like an embedding's vocabulary (structural, not features);
+    the table's other axes (heads) keep their groups."""
+    meta = index.meta.get("tensor_meta") if isinstance(index, fx.Node) else None
+    if meta is None or not hasattr(meta, "dtype") or meta.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        return None
+    if not ctx.is_frozen(x[0]):
+        ctx.freeze(x[0], ctx.reason("vocabulary", "rows of a table looked up by an index tensor"))
+    ctx.freeze(ctx.layouts(index), ctx.reason("constant", "an index tensor's entries"))
+    return [ctx.fresh(n, "constant") for n in ctx.shape(index)] + list(x[1:])
+
+
 def _index_tensor(ctx, node, x, index):
+    if is_attr(node.args[0]) and not isinstance(index, tuple) and (out := _lookup(ctx, node, x, index)) is not None:
+        return out
     index = index if isinstance(index, tuple) else (index,)
     in_shape = list(ctx.shape(node.args[0]))
     n_real = sum(1 for i in index if i is not None and i is not Ellipsis)

@@ -59,11 +59,11 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
 def conv_same_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:
     """A Conv2dSame is solved with the padding it computes for the example input's size."""
     w = conv_module_weight(node, gm)
-    if w.kind != "conv":
+    if w.kind not in ("conv", "grouped"):
         return w
     shape = node.args[0].meta["tensor_meta"].shape
     pads = tuple(_same_pads(shape[2 + i], w.kernel[i], w.stride[i], w.dilation[i]) for i in range(2))
-    return WeightNode(w.node, w.weight, w.bias, "conv", w.kernel, w.stride, pads, w.dilation)
+    return WeightNode(w.node, w.weight, w.bias, w.kind, w.kernel, w.stride, pads, w.dilation)
 
 
 def std_conv_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode:

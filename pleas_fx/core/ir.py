@@ -77,11 +77,11 @@ class Site:
     axis: int
     within: int | None = None
     within_axis: int | None = None
-    # a units-only site on a tensor that also holds the units' within entries: its unit costs
-    # compare entry r with entry r, so matching that aligns entries leaves it out
+    # a units-only site on a tensor also holding the units' within entries: matching that aligns entries leaves it out
     unaligned: bool = False
     start: int | None = None
     size: int | None = None
+    entries: bool = False  # the axis is units x entries in a fixed order (no within group): unit costs compare r with r
 
     @property
     def key(self) -> tuple:
@@ -371,9 +371,9 @@ class WeightNode:
     """A node that applies a weight tensor to its input activation (`node.args[0]`), and how
     the fill pass writes it.
 
-    kind "linear" (the last input axis contracted) or "conv" (groups=1 convolution, 1-D
-    convolutions as height-1 2-D ones): solved by least squares from the stacked-input second
-    moments. "depthwise": a per-channel kernel, mapped through the plans. "mapped": any other
+    kind "linear" (the last input axis contracted), "conv" (groups=1, 1-D as height-1 2-D) or
+    "grouped" (a grouped conv, each conv group solved on its own entries): solved by least squares
+    from the stacked-input second moments. "depthwise": a per-channel kernel, mapped through the plans. "mapped": any other
     weight, mapped through the plans; `note` says why it is not solved. `norm`: the eval-mode
     normalisation directly after it, folded into the least-squares target."""
 
@@ -390,7 +390,7 @@ class WeightNode:
 
     @property
     def solved(self) -> bool:
-        return self.kind in ("linear", "conv")
+        return self.kind in ("linear", "conv", "grouped")
 
     @property
     def taps(self) -> int:

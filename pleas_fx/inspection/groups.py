@@ -47,18 +47,22 @@ def _segment_text(layout: Layout, gid: int) -> str:
 
 
 def _structure(size: int, layouts: list[Layout], gid: int) -> str:
-    inners, outers, concat = set(), set(), False
+    inners, outers, concat, entries = set(), set(), False, set()
     for lay in layouts:
         for seg in lay:
             if seg.group == gid:
                 concat |= len(lay) > 1
-                if seg.inner > 1:
+                if seg.within is not None and seg.outer == 1:
+                    entries.add(seg.inner)  # units with their own entries (heads, conv groups)
+                elif seg.inner > 1:
                     inners.add(seg.inner)
                 if seg.outer > 1:
                     outers.add(seg.outer)
     tags = []
     if outers:
         tags.append(f"heads x head_dim ({'|'.join(map(str, sorted(outers)))} x {size})")
+    if entries:
+        tags.append(f"units x entries ({size} x {'|'.join(map(str, sorted(entries)))})")
     if inners:
         tags.append(f"flatten block (inner={'|'.join(map(str, sorted(inners)))})")
     if concat:
