@@ -97,6 +97,22 @@ def source_targets(S: torch.Tensor, wa, ba, wb, bb) -> tuple[torch.Tensor, torch
     return ya, yb
 
 
+@dataclass
+class MergedInputs:
+    """What merged-input least squares reads for one layer: `gram` = E[x~ x~^T] of the merged
+    network's input x~ (bias-augmented, constant last: n_in + 1 square) and `targets` =
+    (E[y_A x~^T], E[y_B x~^T]), each source layer's output against it."""
+
+    gram: torch.Tensor
+    targets: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def from_moments(cls, gram: torch.Tensor, cross: torch.Tensor, sources) -> "MergedInputs":
+        """From E[x~ x~^T] and `cross` = E[s x~^T], s = [x_A; x_B; 1] the sources' stacked input,
+        and the source layers `sources` = (wa, ba, wb, bb)."""
+        return cls(gram, source_targets(cross, *sources))
+
+
 def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tensor | None, float]:
     """Cholesky factor of G + lam*diag(reg), lam scale-aware (ridge x the mean input second
     moment), raised tenfold until the factorisation succeeds; (None, lam) if it never does."""
@@ -114,13 +130,19 @@ def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tens
 
 
 def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sources, in_map: AxisMap,
-                out_map: AxisMap, has_bias: bool, ridge: float, method: str = "least_squares") -> LayerSolution:
+                out_map: AxisMap, has_bias: bool, ridge: float, method: str = "least_squares",
+                merged: "MergedInputs | None" = None) -> LayerSolution:
     """The merged layer W = argmin E||W M_in s - M_out [y_A; y_B]||^2 + lam ||W - W0||^2
     (method "least_squares"), or RegMean's objective ("regmean"), with A-only rows reading only
     [shared | A-only] inputs and B-only rows only [shared | B-only]. `sources` = (wa, ba, wb, bb),
     (out, in) matrices and bias vectors in float64; `targets` = source_targets(S, *sources).
     W0 = M_out blkdiag(W_A, W_B) U_in, the permute-and-average weight, is the ridge's anchor and
-    the fallback where the factorisation fails."""
+    the fallback where the factorisation fails.
+
+    `merged` (method "least_squares" only): the merged network's own inputs x~ at this layer
+    (merged-input least squares): W = argmin E||W x~ - M_out [y_A; y_B]||^2 + lam ||W - W0||^2,
+    with E[x~ x~^T] and E[[y_A; y_B] x~^T] measured on the merged network whose earlier layers are
+    already filled, instead of the model x~ = M_in s."""
     wa, ba, wb, bb = sources
     ya, yb = targets
     din = wa.shape[1]
@@ -130,16 +152,22 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
     blocks = [np.flatnonzero(in_a & in_b), np.flatnonzero(in_a & ~in_b), np.flatnonzero(~in_a & in_b)]
     order = np.concatenate(blocks)
     n_s, n_a = len(blocks[0]), len(blocks[1])
-    M = stacked_merge_matrix(in_map, din, order, S)
-    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the merged inputs
+    order_t = torch.as_tensor(order, device=S.device)
+    if merged is not None:
+        G = merged.gram[order_t][:, order_t]  # E[x~ x~^T], measured
+    else:
+        M = stacked_merge_matrix(in_map, din, order, S)
+        G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the merged inputs
     maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
     W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
-    order_t = torch.as_tensor(order, device=W0.device)
     W0 = W0.index_select(1, order_t)
     reg = torch.ones(len(order), dtype=G.dtype, device=G.device)
     reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
     if method == "regmean":
         W_ord, ok = solve_regmean(S, ya, yb, in_map, out_map, order, din, W0, reg, n_s, n_a, ridge)
+    elif merged is not None:
+        R = zip_tensors(*merged.targets, [out_map], ["out"]).index_select(1, order_t)  # E[target x~^T]
+        W_ord, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
     else:
         R0 = zip_tensors(ya, yb, [out_map], ["out"])  # (m_out, D): target rows mapped through M_out
         R = (M @ R0.T.contiguous()).T  # E[target x~^T]

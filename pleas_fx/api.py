@@ -11,7 +11,7 @@ from pleas_fx.calibration import calibration
 from pleas_fx.options import MergeOptions
 from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
-from pleas_fx.passes.fill import fill
+from pleas_fx.passes.fill import MergedInputOptions, fill
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
@@ -58,6 +58,7 @@ def merge(
     proxy: str = "cost",
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     frozen: str = "model_a",
+    least_squares: str = "merged",
 ) -> fx.GraphModule | list[fx.GraphModule]:
     """Merge two same-architecture models into one of `budget` x one model's parameters.
 
@@ -120,6 +121,13 @@ def merge(
             layers after it to both models' targets; on digit ResNets with a frozen stage this
             scored 21-32 points above "average" at budget 1: tools/bench_frozen.py) or "average" (feature i of A
             averaged with feature i of B, unaligned).
+        least_squares: "merged" (default; beyond the paper): every solved layer is fitted, level by
+            level, to the inputs the merged network itself feeds it (its earlier layers already
+            filled), so errors do not compound, and the BatchNorm statistics written with it are
+            those of the merged network on the calibration data (passes/merged_inputs.py; one more
+            pass over the calibration data per depth level and budget). "source": the paper's
+            model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
+            for every budget).
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
@@ -130,7 +138,7 @@ def merge(
         generated_batches_count=generated_batches_count, ridge=ridge, max_ls_dim=max_ls_dim,
         stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed, allocation=allocation,
         budget_metric=budget_metric, width_grid=width_grid, allocation_time_limit=allocation_time_limit,
-        proxy=proxy, evaluate=evaluate, frozen=frozen)
+        proxy=proxy, evaluate=evaluate, frozen=frozen, least_squares=least_squares)
     timer = Timer()
     with timer("trace"):
         traced = trace_pair(model_a, model_b, example_input)  # traced, lowered, checked, shape-propagated
@@ -191,8 +199,10 @@ class _Builder:
         with t("widen"):
             merged = widen(self.traced.gm_a, spec, w)
         with t("fill"):
+            inputs = (MergedInputOptions(self.batches, self.opts.positions, self.opts.seed, self.opts.stats_dtype)
+                      if self.opts.merged_inputs else None)
             notes = fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
-                         ridge=self.opts.ridge, solve=self.opts.method.solve)
+                         ridge=self.opts.ridge, solve=self.opts.method.solve, merged_inputs=inputs)
         if self.head is not None:
             self.head.split_output(merged)
         return merged.eval(), notes, plans
@@ -211,6 +221,7 @@ class _Builder:
                               parameters=parameters, parameters_one_model=self.footprint.base, merged=merged,
                               stats=self.stats, notes=self.weights.notes + notes, timings=dict(t))
         report.update({"method": opts.method.name, "solve": opts.method.solve, "heads": opts.heads,
+                       "least_squares": opts.least_squares if opts.method.solve == "least_squares" else None,
                        "repair": opts.repair, "data": opts.data_kind,
                        "extra_head_parameters": self.head.extra_parameters if self.head else 0,
                        "frozen_hidden": self.frozen.to_dict(), "dropped_sites": self.dropped})
