@@ -112,10 +112,9 @@ class _Filler:
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
         merged = None
         if measured is not None:
-            gram, cross = split_moments(measured)
-            merged = MergedInputs.from_moments(gram, cross, (wa, ba, wb, bb))
+            merged = MergedInputs(*split_moments(measured))
         sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
-                          "regmean" if self.solve == "regmean" else "least_squares", merged=merged)
+                          self.solve if self.solve in ("regmean", "adam") else "least_squares", merged=merged)
         if sol.fallback:
             self.notes.append(f"{w.node}: least squares ill-conditioned; used the mapped weights")
         shape = getattr_path(self.merged, w.weight).shape

@@ -135,14 +135,14 @@ def _patches_at(w: WeightNode, x: torch.Tensor, pads, idx: torch.Tensor, out_w: 
     return xp[:, :, rows, cols].reshape(x.shape[0], -1, idx.numel())
 
 
-def split_moments(acc: SecondMoments) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E[x~ x~^T], E[s x~^T]) from the running sums, both bias-augmented (constant last):
-    (m + 1) square and (2 din + 1, m + 1)."""
+def split_moments(acc: SecondMoments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E[x~ x~^T], E[s x~^T], E[s s^T]) from the running sums, bias-augmented (constant last):
+    (m + 1) square, (2 din + 1, m + 1) and (2 din + 1) square."""
     full = acc.mean()
     m = acc.dim_a
     rows_m = torch.cat([torch.arange(m), torch.tensor([full.shape[0] - 1])]).to(full.device)
     rows_s = torch.arange(m, full.shape[0], device=full.device)
-    return full[rows_m][:, rows_m], full[rows_s][:, rows_m]
+    return full[rows_m][:, rows_m], full[rows_s][:, rows_m], full[rows_s][:, rows_s]
 
 
 @torch.no_grad()
