@@ -16,6 +16,7 @@ from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
 from pleas_fx.passes.infer_groups import infer_groups
+from pleas_fx.passes.layernorm import per_model_layernorms
 from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
@@ -59,6 +60,7 @@ def merge(
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     frozen: str = "model_a",
     least_squares: str = "merged",
+    layernorm: str = "per_model",
 ) -> fx.GraphModule | list[fx.GraphModule]:
     """Merge two same-architecture models into one of `budget` x one model's parameters.
 
@@ -128,6 +130,10 @@ def merge(
             pass over the calibration data per depth level and budget). "source": the paper's
             model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
             for every budget).
+        layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
+            pre-norm transformer) normalises each model's features by that model's own statistics
+            and merges them back (passes/layernorm.py): budget 2 is then the ensemble. "shared":
+            one LayerNorm over the whole merged axis.
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
@@ -138,7 +144,8 @@ def merge(
         generated_batches_count=generated_batches_count, ridge=ridge, max_ls_dim=max_ls_dim,
         stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed, allocation=allocation,
         budget_metric=budget_metric, width_grid=width_grid, allocation_time_limit=allocation_time_limit,
-        proxy=proxy, evaluate=evaluate, frozen=frozen, least_squares=least_squares)
+        proxy=proxy, evaluate=evaluate, frozen=frozen, least_squares=least_squares,
+        layernorm=layernorm)
     timer = Timer()
     with timer("trace"):
         traced = trace_pair(model_a, model_b, example_input)  # traced, lowered, checked, shape-propagated
@@ -198,6 +205,8 @@ class _Builder:
             spec, w, p = self.head.spec, self.head.widths(widths), self.head.plans(plans)
         with t("widen"):
             merged = widen(self.traced.gm_a, spec, w)
+            if self.opts.layernorm == "per_model":
+                per_model_layernorms(merged, spec, p)
         with t("fill"):
             inputs = (MergedInputOptions(self.batches, self.opts.positions, self.opts.seed, self.opts.stats_dtype)
                       if self.opts.merged_inputs else None)

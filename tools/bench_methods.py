@@ -49,9 +49,26 @@ if str(ROOT) not in sys.path:
 import pleas_fx  # noqa: E402
 from pleas_fx.apps.demo import DigitResNet, load_digits_split, recalibrate_bn, train_model  # noqa: E402
 
-BUDGETS = (1.0, 1.2, 1.5, 1.8, 2.0)
-METHODS = ("pleas", "pleas_repair", "pleas_free", "average", "rebasin_weight", "permute", "zipit", "regmean")
-SCENARIOS = ("domains", "disjoint", "seeds")
+BUDGETS = (1.0, 1.2, 1.5, 2.0)
+# row -> merge() keywords (data: the calibration batches unless "data" says otherwise)
+METHOD_KWARGS = {
+    "pleas": {},  # the default: merged-input least squares
+    "pleas_source": {"least_squares": "source"},  # the previous default (the paper's source-input model)
+    "pleas_source_repair": {"least_squares": "source", "repair": True},  # the previous repair=True
+    "pleas_repair": {"repair": True},
+    "pleas_adam": {"method": "pleas_adam"},  # the official code's recipe: Adam 400 steps + BatchNorm reset
+    "pleas_free": {"data": "procedural"},
+    "average": {"method": "average"},
+    "rebasin_weight": {"method": "rebasin_weight"},
+    "permute": {"method": "permute"},
+    "zipit": {"method": "zipit"},
+    "regmean": {"method": "regmean"},
+}
+METHODS = tuple(METHOD_KWARGS)
+DEFAULT_METHODS = ("pleas", "pleas_source", "pleas_source_repair", "pleas_repair", "pleas_adam", "average", "zipit",
+                   "regmean")
+SCENARIOS = ("disjoint10", "rotated", "domains", "disjoint", "seeds")
+DEFAULT_SCENARIOS = ("disjoint10", "rotated", "domains")
 ARCHS = ("resnet", "vgg", "vit")
 
 
@@ -148,9 +165,28 @@ def _select(x, y, classes):
     return x[mask], y[mask] - min(classes)
 
 
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Images rotated by `degrees` about their centre (bilinear, zeros outside)."""
+    t = math.radians(degrees)
+    theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]]).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
 def scenario_data(name: str, data: dict) -> dict:
     """Training sets of A and B, calibration images, and test sets per task."""
     mn, sk = data["mnist"], data["sk"]
+    if name == "disjoint10":  # A on digits 0-4, B on 5-9, both with a joint 10-way head
+        lo, hi = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+        sel = [torch.isin(mn["y_train"], torch.tensor(c)) for c in (lo, hi)]
+        return {"train": [(mn["x_train"][m], mn["y_train"][m]) for m in sel], "classes": 10,
+                "calib": mn["x_train"], "tests": [(mn["x_test"], mn["y_test"])]}
+    if name == "rotated":  # shared labels; B's domain is the digits rotated by 45 degrees
+        low = mn["x_train"].min()
+        rot = {k: rotate(mn[k] - low, 45.0) + low for k in ("x_train", "x_test")}
+        return {"train": [(mn["x_train"], mn["y_train"]), (rot["x_train"], mn["y_train"])], "classes": 10,
+                "calib": torch.cat([mn["x_train"], rot["x_train"]]),
+                "tests": [(mn["x_test"], mn["y_test"]), (rot["x_test"], mn["y_test"])]}
     if name == "domains":
         return {"train": [(mn["x_train"], mn["y_train"]), (sk["x_train"], sk["y_train"])], "classes": 10,
                 "calib": torch.cat([mn["x_train"], sk["x_train"]]),
@@ -291,14 +327,13 @@ def run(args) -> dict:
                 idx = torch.randperm(len(sd["calib"]), generator=gen)[:args.calib]
                 calib = [sd["calib"][idx[i:i + 100]] for i in range(0, len(idx), 100)]
                 heads = "separate" if scn == "disjoint" else "shared"
+                ens_out = [0.5 * (outputs(a, x) + outputs(b, x)) for x, _ in sd["tests"]] if heads == "shared" else None
                 for method in args.methods:
-                    kw = dict(method=method, heads=heads, progress=False, seed=seed, positions=args.positions)
-                    source = calib
-                    if method == "pleas_free":
-                        kw.update(method="pleas", max_batches=len(calib))
-                        source = "procedural"
-                    elif method == "pleas_repair":
-                        kw.update(method="pleas", repair=True)
+                    kw = dict(heads=heads, progress=False, seed=seed, positions=args.positions)
+                    kw.update(METHOD_KWARGS[method])
+                    source = kw.pop("data", calib)
+                    if isinstance(source, str):
+                        kw["max_batches"] = len(calib)
                     t1 = time.perf_counter()
                     try:
                         with PeakRSS() as mem:
@@ -308,6 +343,10 @@ def run(args) -> dict:
                         for budget, m in zip(BUDGETS, merged):
                             for metric, v in evaluate(scn, sd, model=m).items():
                                 results.setdefault((scn, arch, method, budget, metric), []).append(v)
+                            if ens_out is not None:  # relative output error against the ensemble
+                                err = max(float((outputs(m, x) - e).norm() / e.norm())
+                                          for (x, _), e in zip(sd["tests"], ens_out))
+                                results.setdefault((scn, arch, method, budget, "ens_err"), []).append(err)
                     except Exception as exc:  # a failing method is reported, the benchmark goes on
                         print(f"  {scn}/{arch}/seed {seed}/{method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
                         for budget in BUDGETS:
@@ -330,7 +369,9 @@ def tables(out: dict, args) -> str:
     res, lines = out["results"], []
     labels = {"domains": "shared labels, different domains (MNIST | sklearn digits), mean domain accuracy",
               "disjoint": "disjoint labels 0-4 | 5-9, heads='separate'",
-              "seeds": "same data (MNIST), different seeds, test accuracy"}
+              "seeds": "same data (MNIST), different seeds, test accuracy",
+              "disjoint10": "A on digits 0-4, B on 5-9, joint 10-way heads, 10-way test accuracy",
+              "rotated": "shared labels, B on digits rotated by 45 degrees, mean domain accuracy"}
     order = ("ensemble",) + tuple(args.methods)
     for scn in args.scenarios:
         for arch in args.archs:
@@ -352,6 +393,45 @@ def tables(out: dict, args) -> str:
     for method in args.methods:
         c = np.asarray(out["costs"].get(method, [(float("nan"), float("nan"))]))
         lines.append(f"| {method} | {np.mean(c[:, 0]):.2f} | {np.max(c[:, 1]):.0f} |")
+    return "\n".join(lines)
+
+
+def _mean(res, key) -> float:
+    v = np.asarray(res.get(key, [float("nan")]), dtype=float)
+    return float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
+
+
+def checks(out: dict, args) -> str:
+    """The acceptance checks of issue 16, per scenario and architecture, on the means over seeds."""
+    res, lines = out["results"], ["\n**Acceptance checks** (means over seeds; budget 1.0 unless stated)\n"]
+    for scn in args.scenarios:
+        for arch in args.archs:
+            m = lambda method, b=1.0, metric="acc": _mean(res, (scn, arch, method, b, metric))  # noqa: E731
+            row, new = [], m("pleas")
+            rivals = {k: m(k) for k in ("pleas_source", "pleas_source_repair", "zipit", "regmean") if k in args.methods}
+            if rivals:
+                best = max(rivals, key=lambda k: -math.inf if math.isnan(rivals[k]) else rivals[k])
+                row.append(f"default {new:.1f} >= best other {best} {rivals[best]:.1f}: "
+                           f"{'PASS' if new >= rivals[best] else 'FAIL'}")
+            if arch != "vit" and "pleas_adam" in args.methods:
+                row.append(f">= official recipe {m('pleas_adam'):.1f} + 1.5: "
+                           f"{'PASS' if new >= m('pleas_adam') + 1.5 else 'FAIL'}")
+            if scn in ("rotated", "domains") and "pleas_source_repair" in args.methods:
+                row.append(f"domain gain over old repair=True {new - m('pleas_source_repair'):+.1f} >= 3: "
+                           f"{'PASS' if new >= m('pleas_source_repair') + 3 else 'FAIL'}")
+            if arch != "vit":
+                gap = m("ensemble", 1.5) - m("pleas", 1.5)
+                row.append(f"1.5x within 1 of the ensemble (gap {gap:.1f}): {'PASS' if gap <= 1 else 'FAIL'}")
+            else:
+                err = _mean(res, (scn, arch, "pleas", 2.0, "ens_err"))
+                if not math.isnan(err):
+                    row.append(f"2x = ensemble (rel. error {err:.1e}): {'PASS' if err < 1e-4 else 'FAIL'}")
+                avg, ens = m("average"), m("ensemble")
+                if not math.isnan(avg):
+                    share = (new - avg) / max(ens - avg, 1e-9)
+                    row.append(f"1.0x {100 * share:.0f}% of the way from averaging to the ensemble (>= 40%): "
+                               f"{'PASS' if share >= 0.4 else 'FAIL'}")
+            lines.append(f"- {scn} / {arch}: " + "; ".join(row))
     return "\n".join(lines)
 
 
@@ -394,8 +474,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, ResNet only, 3 epochs (~3 min)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), choices=SCENARIOS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--calib", type=int, default=500, help="calibration images (batches of 100)")
@@ -407,7 +487,7 @@ def main(argv=None) -> int:
         args.seeds, args.archs, args.epochs = 1, ["resnet"], 3
     logging.getLogger("pleas_fx").setLevel(logging.ERROR)
     out = run(args)
-    text = tables(out, args)
+    text = tables(out, args) + "\n" + checks(out, args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     plot(out, args, folder / "bench_methods.png")
