@@ -1,4 +1,5 @@
-"""Per-model LayerNorm: a transformation of the widened graph for LayerNorms over a widened axis.
+"""Per-model LayerNorm: a transformation of the widened graph for LayerNorms (and RMSNorms) over
+a widened axis.
 
 A LayerNorm normalises over its last axis. When that axis is the widened residual stream of a
 pre-norm transformer, the merged stream holds features of both models (merged pairs, and
@@ -33,23 +34,36 @@ from pleas_fx.core.ir import GroupPlan, GroupSpec, Segment, axis_map
 log = logging.getLogger(__name__)
 
 
+RMS_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+RMS_FUNCTIONS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
+
+
 def _layernorm(node: fx.Node, gm: fx.GraphModule):
-    """(input node, eps, weight name, bias name) of a one-axis LayerNorm node, else None."""
+    """(input node, eps, weight name, bias name, normalising function) of a one-axis LayerNorm
+    or RMSNorm node, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1 and len(node.args) == 1:
-            has = mod.elementwise_affine
+        if not (isinstance(mod, (nn.LayerNorm,) + RMS_MODULES) and len(mod.normalized_shape) == 1
+                and len(node.args) == 1 and not node.kwargs):
+            return None
+        has = mod.elementwise_affine
+        if isinstance(mod, nn.LayerNorm):
             return (node.args[0], float(mod.eps), f"{node.target}.weight" if has else None,
-                    f"{node.target}.bias" if has and mod.bias is not None else None)
-        return None
-    if node.op == "call_function" and node.target is F.layer_norm:
-        args = list(node.args) + [None] * (5 - len(node.args))
-        kw = node.kwargs
-        shape = kw.get("normalized_shape", args[1])
+                    f"{node.target}.bias" if has and mod.bias is not None else None, F.layer_norm)
+        eps = mod.eps if mod.eps is not None else torch.finfo(torch.float32).eps
+        return node.args[0], float(eps), f"{node.target}.weight" if has else None, None, F.rms_norm
+    if node.op == "call_function" and (node.target is F.layer_norm or node.target in RMS_FUNCTIONS):
+        layer = node.target is F.layer_norm
+        names_ = ("input", "normalized_shape", "weight", "bias", "eps") if layer else \
+            ("input", "normalized_shape", "weight", "eps")
+        args = dict(zip(names_, node.args), **node.kwargs)
+        shape = args.get("normalized_shape")
         if not isinstance(shape, (list, tuple)) or len(shape) != 1:
             return None
-        weight, bias = kw.get("weight", args[2]), kw.get("bias", args[3])
-        eps = kw.get("eps", args[4] if args[4] is not None else 1e-5)
+        weight, bias = args.get("weight"), args.get("bias")
+        eps = args.get("eps")
+        if eps is None:
+            eps = 1e-5 if layer else torch.finfo(torch.float32).eps
         names = []
         for t in (weight, bias):
             if t is None:
@@ -58,7 +72,7 @@ def _layernorm(node: fx.Node, gm: fx.GraphModule):
                 names.append(t.target)
             else:
                 return None
-        return (kw.get("input", args[0]), float(eps), names[0], names[1])
+        return args.get("input"), float(eps), names[0], names[1], node.target
     return None
 
 
@@ -81,13 +95,13 @@ def per_model_layernorms(merged: fx.GraphModule, spec: GroupSpec, plans: dict[in
         amap = axis_map(layout, plans, frozen)
         if not amap.pairwise or amap.size == max(int(amap.idx_a.max()) + 1, int(amap.idx_b.max()) + 1):
             continue  # ZipIt!-style plan, or every feature merged: the plain LayerNorm is exact
-        x, eps, weight, bias = found
+        x, eps, weight, bias, norm = found
         if holder is None:
             holder = nn.Module()
             merged.add_module("pleas_fx_layernorms", holder)
         name = f"ln{count}"
         holder.add_module(name, _buffers(amap, x.meta.get("tensor_meta"), merged, weight))
-        _rewrite(merged, node, x, eps, weight, bias, f"pleas_fx_layernorms.{name}")
+        _rewrite(merged, node, x, eps, weight, bias, f"pleas_fx_layernorms.{name}", norm)
         count += 1
     if count:
         merged.graph.lint()
@@ -115,7 +129,7 @@ def _buffers(amap, meta, merged: fx.GraphModule, weight: str | None) -> nn.Modul
     return m
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, eps: float, weight, bias, prefix: str) -> None:
+def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, eps: float, weight, bias, prefix: str, norm) -> None:
     g = gm.graph
     with g.inserting_before(node):
         get = {k: g.get_attr(f"{prefix}.{k}") for k in ("pos_a", "pos_b", "src_a", "src_b", "w_a", "w_b")}
@@ -123,7 +137,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, eps: float, weight, 
         for s in ("a", "b"):
             xs = g.call_function(torch.index_select, (x, -1, get[f"pos_{s}"]))
             size = int(getattr(gm.get_submodule(prefix), f"pos_{s}").numel())
-            ns = g.call_function(F.layer_norm, (xs, (size,), None, None, eps))
+            ns = g.call_function(norm, (xs, (size,), None, None, eps) if norm is F.layer_norm else
+                                 (xs, (size,), None, eps))
             back = g.call_function(torch.index_select, (ns, -1, get[f"src_{s}"]))
             sides.append(g.call_function(torch.mul, (back, get[f"w_{s}"])))
         y = g.call_function(torch.add, (sides[0], sides[1]))

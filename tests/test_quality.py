@@ -147,3 +147,34 @@ def test_bad_quality_options_raise_clear_errors():
         _merge(m, m, torch.randn(2, 3), 1.0, None, least_squares="exact")
     with pytest.raises(pleas_fx.PleasError, match="layernorm"):
         _merge(m, m, torch.randn(2, 3), 1.0, None, layernorm="none")
+
+
+class _PreNormBlocks(nn.Module):
+    """Two pre-norm residual blocks normalised by an RMSNorm module, F.rms_norm and F.layer_norm."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, d), nn.Linear(d, 3)
+        self.norm = nn.RMSNorm(d)
+        self.f1, self.f2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f2(torch.nn.functional.gelu(self.f1(self.norm(h))))
+        h = h + self.f2(torch.nn.functional.gelu(self.f1(torch.nn.functional.rms_norm(h, (h.shape[-1],), self.scale))))
+        return self.out(torch.nn.functional.layer_norm(h, (h.shape[-1],)))
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch < 2.4")
+def test_per_model_rmsnorm_and_functional_norms_make_budget_two_the_ensemble():
+    torch.manual_seed(0)
+    a, b = _PreNormBlocks().eval(), _PreNormBlocks().eval()
+    for m in (a, b):
+        for p in m.parameters():
+            p.data.add_(0.2 * torch.randn_like(p))
+    x, data = torch.randn(7, 5), [torch.randn(64, 5) for _ in range(2)]
+    expected = nets.ensemble(a, b, x)
+    merged = _merge(a, b, x, 2.0, data)
+    assert relative_error(nets.run(merged, x), expected) < 1e-4
+    assert relative_error(nets.run(_merge(a, b, x, 2.0, data, layernorm="shared"), x), expected) > 1e-3

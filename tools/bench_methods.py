@@ -53,8 +53,9 @@ BUDGETS = (1.0, 1.2, 1.5, 2.0)
 # row -> merge() keywords (data: the calibration batches unless "data" says otherwise)
 METHOD_KWARGS = {
     "pleas": {},  # the default: merged-input least squares
-    "pleas_source": {"least_squares": "source"},  # the previous default (the paper's source-input model)
-    "pleas_source_repair": {"least_squares": "source", "repair": True},  # the previous repair=True
+    "pleas_source": {"least_squares": "source", "layernorm": "shared"},  # the previous default
+    "pleas_source_repair": {"least_squares": "source", "layernorm": "shared", "repair": True},  # previous repair=True
+    "pleas_shared_ln": {"layernorm": "shared"},  # the default with one LayerNorm over the widened stream
     "pleas_repair": {"repair": True},
     "pleas_adam": {"method": "pleas_adam"},  # the official code's recipe: Adam 400 steps + BatchNorm reset
     "pleas_free": {"data": "procedural"},
