@@ -20,7 +20,7 @@ from pleas_fx.passes.layernorm import per_model_layernorms
 from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
-from pleas_fx.passes.verify import verify_merged
+from pleas_fx.passes.verify import check_graph, verify_merged
 from pleas_fx.passes.weights import WeightPlan, plan_weights
 from pleas_fx.passes.widen import widen
 from pleas_fx.report import Timer, merge_report
@@ -207,6 +207,8 @@ class _Builder:
             merged = widen(self.traced.gm_a, spec, w)
             if self.opts.layernorm == "per_model":
                 per_model_layernorms(merged, spec, p)
+            if self.opts.merged_inputs:  # fill runs the widened graph: a graph that cannot run is widen's bug
+                check_graph(merged, self.traced.example_args)
         with t("fill"):
             inputs = (MergedInputOptions(self.batches, self.opts.positions, self.opts.seed, self.opts.stats_dtype)
                       if self.opts.merged_inputs else None)
