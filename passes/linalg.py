@@ -109,7 +109,7 @@ class MergedInputs:
     source_gram: torch.Tensor
 
 
-KEEP_SOURCE_RESIDUAL = 1e-5  # relative residual below which the source-input solution is kept
+KEEP_SOURCE_RESIDUAL = 1e-4  # relative residual below which the source-input solution is kept
 
 
 def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tensor | None, float]:
