@@ -387,7 +387,7 @@ def tables(out: dict, args) -> str:
                 for method in order:
                     cells = [fmt(res.get((scn, arch, method, b, metric), [float("nan")])) for b in BUDGETS]
                     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append("\n**Cost per merge() call** (all five budgets from one statistics pass, "
+    lines.append("\n**Cost per merge() call** (every budget of the sweep from one call; merged-input least squares adds passes per budget, "
                  f"{args.calib} calibration images; mean over calls; peak RSS above the level before the call)\n")
     lines.append("| method | wall time (s) | peak memory (MB) |")
     lines.append("|---|---:|---:|")
