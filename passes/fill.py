@@ -31,6 +31,12 @@ from pleas_fx.passes.weights import WeightPlan
 log = logging.getLogger(__name__)
 
 
+# merged-input least squares needs at least this many rows (samples x positions) per merged
+# input entry; with fewer, its measured Gram is rank-deficient and the re-solve would fit rounding
+# noise: the source-input solution is kept
+MIN_ROWS_PER_INPUT = 2
+
+
 class _Filler:
     def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge, solve="least_squares"):
         self.merged, self.gm_a, self.gm_b, self.spec = merged, gm_a, gm_b, spec
@@ -111,7 +117,7 @@ class _Filler:
         if key not in self.stats.cache:
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
         merged = None
-        if measured is not None:
+        if measured is not None and measured.count >= MIN_ROWS_PER_INPUT * (measured.dim_a + 1):
             merged = MergedInputs(*split_moments(measured))
         sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
                           self.solve if self.solve in ("regmean", "adam") else "least_squares", merged=merged)
