@@ -14,6 +14,7 @@ one set of group plans.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -22,12 +23,20 @@ from pleas_fx.core.errors import InternalError, PleasError
 from pleas_fx.core.fxutil import getattr_path, node_shape, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
 from pleas_fx.passes.grouped_solve import solve_grouped
-from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
+from pleas_fx.passes.linalg import SOLVES, MergedInputs, safe_inverse, solve_layer, source_targets, zip_tensors
+from pleas_fx.passes.merged_inputs import merged_input_moments, split_moments, weight_levels
+from pleas_fx.passes.moments import SecondMoments
 from pleas_fx.passes.statistics import Statistics
 from pleas_fx.passes.weights import WeightPlan
 from pleas_fx.passes.within_axes import realign_b
 
 log = logging.getLogger(__name__)
+
+
+# merged-input least squares needs at least this many rows (samples x positions) per merged
+# input entry; with fewer, its measured Gram is rank-deficient and the re-solve would fit rounding
+# noise: the source-input solution is kept
+MIN_ROWS_PER_INPUT = 2
 
 
 class _Filler:
@@ -89,7 +98,9 @@ class _Filler:
         self.write(norm.bias, a_b + mean / r)
 
     # -- least squares
-    def least_squares(self, w: WeightNode) -> None:
+    def least_squares(self, w: WeightNode, measured: SecondMoments | None = None) -> None:
+        """Solve one weight node; `measured`: the merged network's own input moments at it
+        (passes/merged_inputs.py), for merged-input least squares."""
         wa, wb = (t.double().reshape(t.shape[0], -1) for t in self.source(w.weight))
         zeros = torch.zeros(wa.shape[0], dtype=wa.dtype, device=wa.device)
         ba, bb = (t.double() for t in self.source(w.bias)) if w.bias else (zeros, zeros)
@@ -108,14 +119,17 @@ class _Filler:
         key = ("source_targets", w.node)  # budget-independent: cached across budgets
         if key not in self.stats.cache and w.kind != "grouped":
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
-        method = "regmean" if self.solve == "regmean" else "least_squares"
-        if w.kind == "grouped":
+        method = self.solve if self.solve in ("regmean", "adam") else "least_squares"
+        if w.kind == "grouped":  # conv group by conv group, on the source inputs
             per_in = getattr_path(self.gm_a, w.weight).shape[1] * w.taps
             sol = solve_grouped(S, (wa, ba, wb, bb), in_map, out_map, per_in, self.per_out(w), has_bias,
-                                self.ridge, method)
+                                self.ridge, "regmean" if method == "regmean" else "least_squares")
         else:
+            merged = None
+            if measured is not None and measured.count >= MIN_ROWS_PER_INPUT * (measured.dim_a + 1):
+                merged = MergedInputs(*split_moments(measured))
             sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
-                              method)
+                              method, merged=merged)
         if sol.fallback:
             self.notes.append(f"{w.node}: least squares ill-conditioned; used the mapped weights")
         shape = getattr_path(self.merged, w.weight).shape
@@ -175,14 +189,19 @@ class _Filler:
 
 def fill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, spec: GroupSpec,
          plans: dict[int, GroupPlan], weights: WeightPlan, stats: Statistics | None,
-         ridge: float = 1e-4, solve: str = "least_squares") -> list[str]:
+         ridge: float = 1e-4, solve: str = "least_squares", merged_inputs: MergedInputOptions | None = None
+         ) -> list[str]:
     """Write every parameter and buffer of the widened `merged`; returns notes on fallbacks.
 
     `solve`: "least_squares" (PLeaS: weight nodes solved on the merged inputs and targets),
     "regmean" (weight nodes solved by RegMean's objective, each model on its own inputs), or
     "mapped" (no solve: every parameter *and buffer* is mapped through the plans, W = M_out
     blkdiag(W_A, W_B) U_in, BatchNorm statistics included, the path oversized layers take
-    anyway; with identity plans at budget 1 this is plain weight averaging)."""
+    anyway; with identity plans at budget 1 this is plain weight averaging).
+
+    `merged_inputs` (solve "least_squares"): after the fill above, re-solve every solved node
+    level by level against the inputs the merged network itself feeds it
+    (passes/merged_inputs.py), reading `merged_inputs.batches` once per level."""
     if solve not in SOLVES:
         raise PleasError(f"solve must be one of {SOLVES}, got {solve!r}")
     f = _Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve)
@@ -210,4 +229,26 @@ def fill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, spe
                     f.write(name, value.clone())
                 continue
             f.write(name, f.zip_param(name))
+        if merged_inputs is not None and solve == "least_squares" and stats is not None:
+            # grouped convolutions keep their conv-group-by-conv-group source-input solve
+            solved = [w for w in weights.nodes if w.solved and w.node in stats.least_squares and w.kind != "grouped"]
+            merged.eval()
+            for level in weight_levels(merged, solved):
+                moments = merged_input_moments(merged, gm_a, gm_b, merged_inputs.batches, level,
+                                               positions=merged_inputs.positions, seed=merged_inputs.seed,
+                                               dtype=merged_inputs.dtype)
+                for w in level:
+                    if w.node in moments:
+                        f.least_squares(w, moments[w.node])
     return f.notes
+
+
+@dataclass
+class MergedInputOptions:
+    """Merged-input least squares: the calibration batches (read once per level), conv
+    positions per sample (None: exact), the random seed of drawn positions, the sums' dtype."""
+
+    batches: list
+    positions: int | None = None
+    seed: int = 0
+    dtype: torch.dtype = torch.float64

@@ -17,7 +17,7 @@ import torch
 
 from pleas_fx.core.ir import AxisMap
 
-SOLVES = ("least_squares", "regmean", "mapped")
+SOLVES = ("least_squares", "regmean", "mapped", "adam")
 
 
 # --------------------------------------------------------------------------- mapping through M
@@ -97,6 +97,21 @@ def source_targets(S: torch.Tensor, wa, ba, wb, bb) -> tuple[torch.Tensor, torch
     return ya, yb
 
 
+@dataclass
+class MergedInputs:
+    """What merged-input least squares reads for one layer, measured on the merged network:
+    `gram` = E[x~ x~^T] of its input x~ (bias-augmented, constant last: n_in + 1 square),
+    `cross` = E[s x~^T] with the sources' stacked input s = [x_A; x_B; 1] on the same samples,
+    and `source_gram` = E[s s^T] there."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    source_gram: torch.Tensor
+
+
+KEEP_SOURCE_RESIDUAL = 1e-4  # relative residual below which the source-input solution is kept
+
+
 def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tensor | None, float]:
     """Cholesky factor of G + lam*diag(reg), lam scale-aware (ridge x the mean input second
     moment), raised tenfold until the factorisation succeeds; (None, lam) if it never does."""
@@ -114,13 +129,19 @@ def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tens
 
 
 def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sources, in_map: AxisMap,
-                out_map: AxisMap, has_bias: bool, ridge: float, method: str = "least_squares") -> LayerSolution:
+                out_map: AxisMap, has_bias: bool, ridge: float, method: str = "least_squares",
+                merged: "MergedInputs | None" = None) -> LayerSolution:
     """The merged layer W = argmin E||W M_in s - M_out [y_A; y_B]||^2 + lam ||W - W0||^2
     (method "least_squares"), or RegMean's objective ("regmean"), with A-only rows reading only
     [shared | A-only] inputs and B-only rows only [shared | B-only]. `sources` = (wa, ba, wb, bb),
     (out, in) matrices and bias vectors in float64; `targets` = source_targets(S, *sources).
     W0 = M_out blkdiag(W_A, W_B) U_in, the permute-and-average weight, is the ridge's anchor and
-    the fallback where the factorisation fails."""
+    the fallback where the factorisation fails.
+
+    `merged` (method "least_squares" only): the merged network's own inputs x~ at this layer
+    (merged-input least squares): W = argmin E||W x~ - M_out [y_A; y_B]||^2 + lam ||W - W0||^2,
+    with E[x~ x~^T] and E[[y_A; y_B] x~^T] measured on the merged network whose earlier layers are
+    already filled, instead of the model x~ = M_in s."""
     wa, ba, wb, bb = sources
     ya, yb = targets
     din = wa.shape[1]
@@ -130,26 +151,52 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
     blocks = [np.flatnonzero(in_a & in_b), np.flatnonzero(in_a & ~in_b), np.flatnonzero(~in_a & in_b)]
     order = np.concatenate(blocks)
     n_s, n_a = len(blocks[0]), len(blocks[1])
+    order_t = torch.as_tensor(order, device=S.device)
     M = stacked_merge_matrix(in_map, din, order, S)
-    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the merged inputs
+    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the modelled merged inputs
     maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
     W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
-    order_t = torch.as_tensor(order, device=W0.device)
     W0 = W0.index_select(1, order_t)
     reg = torch.ones(len(order), dtype=G.dtype, device=G.device)
     reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
     if method == "regmean":
         W_ord, ok = solve_regmean(S, ya, yb, in_map, out_map, order, din, W0, reg, n_s, n_a, ridge)
+    elif method == "adam":
+        R0 = zip_tensors(ya, yb, [out_map], ["out"])
+        W_ord, ok = solve_adam(G, (M @ R0.T.contiguous()).T, W0, n_s, n_a, out_map), True
     else:
         R0 = zip_tensors(ya, yb, [out_map], ["out"])  # (m_out, D): target rows mapped through M_out
         R = (M @ R0.T.contiguous()).T  # E[target x~^T]
         W_ord, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
+        if merged is not None:
+            G, W_ord, ok = _merged_solve(merged, sources, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)
     W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
     W[:, order_t] = W_ord
     mean = W_ord @ G[:, int(torch.nonzero(order_t == n_in)[0])] if has_bias else torch.zeros(W.shape[0], dtype=W.dtype,
                                                                                              device=W.device)
     var = ((W_ord @ G) * W_ord).sum(1) - mean**2
     return LayerSolution(W[:, :n_in], W[:, n_in] if has_bias else None, mean, var, fallback=not ok)
+
+
+def _merged_solve(merged: MergedInputs, sources, out_map: AxisMap, order_t, W_src, W0, reg, n_s: int, n_a: int,
+                  ridge: float):
+    """Merged-input least squares: (E[x~ x~^T], W, ok), W solved on the measured inputs. Rows
+    that the source-input solution `W_src` already fits on the measured inputs to a relative
+    residual below KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones
+    (budget 2, a self-merge) up to rounding, which the solve would only amplify."""
+    wa, ba, wb, bb = sources
+    din = wa.shape[1]
+    zeros = torch.zeros_like(wa)
+    T = zip_tensors(torch.cat([wa, zeros, ba[:, None]], 1), torch.cat([zeros, wb, bb[:, None]], 1),
+                    [out_map], ["out"])  # targets as rows over s = [x_A; x_B; 1]
+    G = merged.gram[order_t][:, order_t]
+    R = (T @ merged.cross).index_select(1, order_t)  # E[target x~^T]
+    W, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
+    t2 = ((T @ merged.source_gram) * T).sum(1)  # E[target^2] per row
+    res = ((W_src @ G) * W_src).sum(1) - 2 * (W_src * R).sum(1) + t2
+    keep = res <= KEEP_SOURCE_RESIDUAL * t2.clamp_min(1e-30)
+    W[keep] = W_src[keep]
+    return G, W, ok
 
 
 def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge: float):
@@ -183,6 +230,28 @@ def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge:
         l_b = torch.cat([top, torch.cat([l_bs, l_bb], 1)], 0)
         W[r[:, None], keep[None, :]] = torch.cholesky_solve(rhs[r][:, keep].T, l_b).T
     return W, True
+
+
+def solve_adam(G, R, W0, n_s: int, n_a: int, out_map: AxisMap, steps: int = 400, lr: float = 5e-4):
+    """The official PLeaS code's solver, as a baseline: the same layer-wise objective
+    E||W x~ - t||^2 (x~ = M_in s) minimised by Adam (lr `lr`, cosine decay to 0, `steps` steps)
+    from the permute-and-average weight W0, with the structurally zero blocks masked. The
+    gradient is the exact one from the moments, 2 (W G - R) / (rows), i.e. the expectation of
+    the official code's minibatch gradient. Early stopping keeps W near W0."""
+    out_a, out_b = out_map.idx_a >= 0, out_map.idx_b >= 0
+    mask = torch.ones_like(W0)
+    mask[torch.as_tensor(out_a & ~out_b, device=W0.device), n_s + n_a:] = 0.0
+    mask[torch.as_tensor(~out_a & out_b, device=W0.device), n_s:n_s + n_a] = 0.0
+    W = (W0 * mask).float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    Gf, Rf, maskf = G.float(), R.float(), mask.float()
+    for _ in range(steps):
+        opt.zero_grad()
+        W.grad = 2.0 * (W.detach() @ Gf - Rf) * maskf / max(W.shape[0], 1)
+        opt.step()
+        sched.step()
+    return W.detach().double() * mask
 
 
 def solve_regmean(S, ya, yb, in_map: AxisMap, out_map: AxisMap, order: np.ndarray, din: int,

@@ -10,6 +10,7 @@ A method is (matching, weight solve, BatchNorm repair default):
 | permute         | activation (Git Re-Basin / "Permute") | mapped (average permuted)     | on     |
 | zipit           | ZipIt! (within and across models)     | mapped (ZipIt! merge/unmerge) | on     |
 | regmean         | identity                              | RegMean least squares         | on     |
+| pleas_adam      | activation (weight without data)      | Adam on the PLeaS objective   | on     |
 
 "mapped" is W = M_out blkdiag(W_A, W_B) U_in for every tensor (passes/fill.py). At a budget
 above 1 every method keeps its worst-matched pairs apart (for ZipIt!: merges only the first
@@ -52,6 +53,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("permute", "activation", "mapped", True, "activation matching, permuted weights averaged"),
     Method("zipit", "zipit", "mapped", True, "ZipIt!: feature matching within and across models"),
     Method("regmean", "identity", "regmean", True, "RegMean: least squares without permutations"),
+    Method("pleas_adam", "auto", "adam", True, "the official PLeaS code's recipe: the layer-wise objective "
+                                              "minimised by 400 Adam steps from the permuted average"),
 )}
 
 

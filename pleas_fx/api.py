@@ -11,15 +11,16 @@ from pleas_fx.calibration import calibration
 from pleas_fx.options import MergeOptions
 from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
-from pleas_fx.passes.fill import fill
+from pleas_fx.passes.fill import MergedInputOptions, fill
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
 from pleas_fx.passes.infer_groups import infer_groups
+from pleas_fx.passes.layernorm import per_model_layernorms
 from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
-from pleas_fx.passes.verify import verify_merged
+from pleas_fx.passes.verify import check_graph, verify_merged
 from pleas_fx.passes.weights import WeightPlan, plan_weights
 from pleas_fx.passes.widen import widen
 from pleas_fx.report import Timer, merge_report
@@ -58,6 +59,8 @@ def merge(
     proxy: str = "cost",
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     frozen: str = "model_a",
+    least_squares: str = "merged",
+    layernorm: str = "per_model",
 ) -> fx.GraphModule | list[fx.GraphModule]:
     """Merge two same-architecture models into one of `budget` x one model's parameters.
 
@@ -120,6 +123,17 @@ def merge(
             layers after it to both models' targets; on digit ResNets with a frozen stage this
             scored 21-32 points above "average" at budget 1: tools/bench_frozen.py) or "average" (feature i of A
             averaged with feature i of B, unaligned).
+        least_squares: "merged" (default; beyond the paper): every solved layer is fitted, level by
+            level, to the inputs the merged network itself feeds it (its earlier layers already
+            filled), so errors do not compound, and the BatchNorm statistics written with it are
+            those of the merged network on the calibration data (passes/merged_inputs.py; one more
+            pass over the calibration data per depth level and budget). "source": the paper's
+            model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
+            for every budget).
+        layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
+            pre-norm transformer) normalises each model's features by that model's own statistics
+            and merges them back (passes/layernorm.py): budget 2 is then the ensemble. "shared":
+            one LayerNorm over the whole merged axis.
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
@@ -130,7 +144,8 @@ def merge(
         generated_batches_count=generated_batches_count, ridge=ridge, max_ls_dim=max_ls_dim,
         stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed, allocation=allocation,
         budget_metric=budget_metric, width_grid=width_grid, allocation_time_limit=allocation_time_limit,
-        proxy=proxy, evaluate=evaluate, frozen=frozen)
+        proxy=proxy, evaluate=evaluate, frozen=frozen, least_squares=least_squares,
+        layernorm=layernorm)
     timer = Timer()
     with timer("trace"):
         traced = trace_pair(model_a, model_b, example_input)  # traced, lowered, checked, shape-propagated
@@ -190,9 +205,15 @@ class _Builder:
             spec, w, p = self.head.spec, self.head.widths(widths), self.head.plans(plans)
         with t("widen"):
             merged = widen(self.traced.gm_a, spec, w)
+            if self.opts.layernorm == "per_model":
+                per_model_layernorms(merged, spec, p)
+            if self.opts.merged_inputs:  # fill runs the widened graph: a graph that cannot run is widen's bug
+                check_graph(merged, self.traced.example_args)
         with t("fill"):
+            inputs = (MergedInputOptions(self.batches, self.opts.positions, self.opts.seed, self.opts.stats_dtype)
+                      if self.opts.merged_inputs else None)
             notes = fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
-                         ridge=self.opts.ridge, solve=self.opts.method.solve)
+                         ridge=self.opts.ridge, solve=self.opts.method.solve, merged_inputs=inputs)
         if self.head is not None:
             self.head.split_output(merged)
         return merged.eval(), notes, plans
@@ -211,6 +232,7 @@ class _Builder:
                               parameters=parameters, parameters_one_model=self.footprint.base, merged=merged,
                               stats=self.stats, notes=self.weights.notes + notes, timings=dict(t))
         report.update({"method": opts.method.name, "solve": opts.method.solve, "heads": opts.heads,
+                       "least_squares": opts.least_squares if opts.method.solve == "least_squares" else None,
                        "repair": opts.repair, "data": opts.data_kind,
                        "extra_head_parameters": self.head.extra_parameters if self.head else 0,
                        "frozen_hidden": self.frozen.to_dict(), "dropped_sites": self.dropped})

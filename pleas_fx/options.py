@@ -13,6 +13,8 @@ from pleas_fx.passes.heads import HEADS
 from pleas_fx.passes.methods import FROZEN_POLICIES, Method, get_method, resolve_matching
 
 GENERATED = ("gaussian", "procedural")
+LAYERNORMS = ("per_model", "shared")  # LayerNorm over a widened axis: each model's features apart, or one
+LEAST_SQUARES = ("merged", "source")  # merged-input least squares (default), or the paper's source-input model
 
 
 def check_budgets(budget: Any) -> list[float]:
@@ -51,6 +53,8 @@ class MergeOptions:
     seed: int
     allocation: AllocationOptions
     frozen: str = "model_a"
+    least_squares: str = "merged"
+    layernorm: str = "per_model"
 
     @classmethod
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
@@ -61,7 +65,8 @@ class MergeOptions:
                   budget_metric: str = "params", width_grid: int | Sequence[float] = 8,
                   allocation_time_limit: float = 10.0, proxy: str = "cost",
                   evaluate: Callable[[torch.nn.Module], float] | None = None,
-                  frozen: str = "model_a") -> "MergeOptions":
+                  frozen: str = "model_a", least_squares: str = "merged",
+                  layernorm: str = "per_model") -> "MergeOptions":
         budgets = check_budgets(budget)
         allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy,
                                                evaluate)
@@ -74,6 +79,10 @@ class MergeOptions:
             raise DataError(f"data must be an iterable of batches, a function, or one of {GENERATED}; got {data!r}")
         if frozen not in FROZEN_POLICIES:
             raise PleasError(f"frozen must be one of {FROZEN_POLICIES}, got {frozen!r}")
+        if least_squares not in LEAST_SQUARES:
+            raise PleasError(f"least_squares must be one of {LEAST_SQUARES}, got {least_squares!r}")
+        if layernorm not in LAYERNORMS:
+            raise PleasError(f"layernorm must be one of {LAYERNORMS}, got {layernorm!r}")
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
@@ -88,8 +97,14 @@ class MergeOptions:
             repair=(how.repair and data is not None) if repair is None else repair, data=data,
             max_batches=max_batches, generated_batches_count=generated_batches_count, ridge=float(ridge),
             max_ls_dim=max_ls_dim, stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed,
-            allocation=allocation_options, frozen=frozen,
+            allocation=allocation_options, frozen=frozen, least_squares=least_squares,
+            layernorm=layernorm,
         )
+
+    @property
+    def merged_inputs(self) -> bool:
+        """Whether weight nodes are re-solved on the merged network's own inputs."""
+        return self.least_squares == "merged" and self.method.solve == "least_squares"
 
     @property
     def user_data(self) -> bool:

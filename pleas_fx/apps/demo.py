@@ -17,7 +17,7 @@ import copy
 import logging
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -244,9 +244,9 @@ def calibration_batches(
 
 
 def train_default_pair(
-    epochs: int = DEFAULT_EPOCHS, width: int = 32
+    epochs: int = DEFAULT_EPOCHS, width: int = 32, pair: int = 0
 ) -> tuple[nn.Module, nn.Module, dict]:
-    """Train the default pair: A (seed 0) on digits 0-4, B (seed 1) on digits 5-9.
+    """Train the default pair: A (seed 2*pair) on digits 0-4, B (seed 2*pair + 1) on digits 5-9.
 
     Returns ``(model_a, model_b, data)`` with both models in eval mode on the CPU.
     ``data`` holds the split from :func:`load_digits_split` plus
@@ -254,14 +254,14 @@ def train_default_pair(
     """
     data = load_digits_split()
     models = []
-    for seed, classes in ((0, CLASSES_A), (1, CLASSES_B)):
+    for seed, classes in ((2 * pair, CLASSES_A), (2 * pair + 1, CLASSES_B)):
         xs, ys = _select(data["x_train"], data["y_train"], classes)
         torch.manual_seed(seed)
         model = DigitResNet(width=width, num_classes=10)
-        logger.info("training model %s (seed %d) on digits %s", "AB"[seed], seed, classes)
+        logger.info("training model %s (seed %d) on digits %s", "AB"[seed % 2], seed, classes)
         t0 = time.perf_counter()
         train_model(model, xs, ys, epochs=epochs, seed=seed)
-        data[f"train_seconds_{'ab'[seed]}"] = time.perf_counter() - t0
+        data[f"train_seconds_{'ab'[seed % 2]}"] = time.perf_counter() - t0
         models.append(model)
     return models[0], models[1], data
 
@@ -279,13 +279,14 @@ def save_pair(folder: str, model_a: nn.Module, model_b: nn.Module, data: dict) -
 
 
 # ---------------------------------------------------------------------------- CLI
-def _table(rows: Iterable[tuple[str, float, float, float]]) -> str:
-    lines = [
-        "| model | test accuracy (%, 10 classes) | parameters (x one model) | seconds |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, acc, rel, secs in rows:
-        lines.append(f"| {name} | {acc:.1f} | {rel:.2f} | {secs:.1f} |")
+def _table(runs: list[list[tuple[str, float, float, float]]]) -> str:
+    """One row per model; with several runs (seeds), the accuracy as mean ± std over them."""
+    what = "test accuracy (%, 10 classes)" + (f", mean ± std over {len(runs)} seeds" if len(runs) > 1 else "")
+    lines = [f"| model | {what} | parameters (x one model) | seconds |", "|---|---:|---:|---:|"]
+    for i, (name, *_) in enumerate(runs[0]):
+        acc, rel, secs = (np.array([run[i][k] for run in runs]) for k in (1, 2, 3))
+        cell = f"{acc.mean():.1f}" + (f" ± {acc.std():.1f}" if len(runs) > 1 else "")
+        lines.append(f"| {name} | {cell} | {rel.mean():.2f} | {secs.mean():.1f} |")
     return "\n".join(lines)
 
 
@@ -314,15 +315,31 @@ def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
         help="also write model_a.pt, model_b.pt (state dicts), calibration.pt (training images) and "
              "test.pt (test images and labels) to DIR, the inputs of the `pleas-fx merge` command",
     )
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train and merge this many pairs (seeds 0/1, 2/3, ...) and report mean ± std")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     args = parser.parse_args(argv)
-    verbose = not args.quiet
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logger.setLevel(logging.INFO if not args.quiet else logging.WARNING)  # progress of this demo only
+    runs = [_run_pair(args, pair) for pair in range(max(1, args.seeds))]
+    n_merged, sweep_seconds, shared_seconds = runs[0][1:]
+    print()
+    print(_table([rows for rows, *_ in runs]))
+    print(f"\nThe sweep of {n_merged} budgets took {sweep_seconds:.1f} s: tracing, one statistics pass "
+          f"over {args.max_batches} batches of 100 images and matching {shared_seconds:.1f} s once, then the "
+          "seconds shown per budget (merged-input least squares: one pass per depth level).")
+    print("Parameters count the merged model's non-zero weights (blocks between features kept "
+          "only for A and only for B are structurally zero and not counted).")
+    return 0
 
+
+def _run_pair(args, pair: int) -> tuple[list, int, float, float]:
+    """Train pair number `pair`, merge it at every budget: (table rows, budgets, sweep seconds,
+    seconds of the shared passes)."""
     import pleas_fx
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)  # progress of this demo only
-    model_a, model_b, data = train_default_pair(epochs=args.epochs, width=args.width)
+    verbose = not args.quiet
+    model_a, model_b, data = train_default_pair(epochs=args.epochs, width=args.width, pair=pair)
     x_train, x_test, y_test = data["x_train"], data["x_test"], data["y_test"]
     if verbose:
         for tag, model, classes in (("A", model_a, CLASSES_A), ("B", model_b, CLASSES_B)):
@@ -330,7 +347,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
             logger.info("model %s: %.1f%% on its own test digits %d-%d, trained in %.1f s", tag,
                         accuracy(model, xs, ys), classes[0], classes[-1], data["train_seconds_" + tag.lower()])
 
-    if args.save:
+    if args.save and pair == 0:
         save_pair(args.save, model_a, model_b, data)
         logger.info("wrote model_a.pt, model_b.pt, calibration.pt and test.pt to %s", args.save)
     rows = [
@@ -364,14 +381,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
                      report["achieved_budget"], own))
 
     timings = merged_models[0].meta["pleas_fx"]["timings"]
-    print()
-    print(_table(rows))
-    print(f"\nThe sweep of {len(merged_models)} budgets took {sweep_seconds:.1f} s: tracing, one statistics pass "
-          f"over {args.max_batches} batches of 100 images and matching "
-          f"{sum(timings[k] for k in shared):.1f} s once, then the seconds shown per budget.")
-    print("Parameters count the merged model's non-zero weights (blocks between features kept "
-          "only for A and only for B are structurally zero and not counted).")
-    return 0
+    return rows, len(merged_models), sweep_seconds, sum(timings[k] for k in shared)
 
 
 if __name__ == "__main__":
