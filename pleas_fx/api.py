@@ -11,6 +11,7 @@ from pleas_fx.calibration import calibration
 from pleas_fx.options import MergeOptions
 from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
+from pleas_fx.passes.compact import compact, stored_zeros
 from pleas_fx.passes.fill import fill
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
@@ -19,7 +20,7 @@ from pleas_fx.passes.infer_groups import infer_groups
 from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
-from pleas_fx.passes.verify import verify_merged
+from pleas_fx.passes.verify import structural_parameters, verify_merged
 from pleas_fx.passes.weights import WeightPlan, plan_weights
 from pleas_fx.passes.widen import widen
 from pleas_fx.report import Timer, merge_report
@@ -58,6 +59,7 @@ def merge(
     proxy: str = "cost",
     evaluate: Callable[[torch.nn.Module], float] | None = None,
     frozen: str = "model_a",
+    emit: str = "compact",
 ) -> fx.GraphModule | list[fx.GraphModule]:
     """Merge two same-architecture models into one of `budget` x one model's parameters.
 
@@ -120,6 +122,11 @@ def merge(
             layers after it to both models' targets; on digit ResNets with a frozen stage this
             scored 21-32 points above "average" at budget 1: tools/bench_frozen.py) or "average" (feature i of A
             averaged with feature i of B, unaligned).
+        emit: "compact" (default): every weight layer whose A-only outputs would read B-only inputs
+            (or the reverse) is a block layer (pleas_fx.core.layers.BlockLinear / BlockConv) that
+            stores only its structural blocks, so the model stores exactly the parameters the
+            budget counts; "dense": the source's layer types at the merged widths, with those
+            blocks stored as zeros (up to ~2x the budget's parameters).
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
@@ -130,7 +137,7 @@ def merge(
         generated_batches_count=generated_batches_count, ridge=ridge, max_ls_dim=max_ls_dim,
         stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed, allocation=allocation,
         budget_metric=budget_metric, width_grid=width_grid, allocation_time_limit=allocation_time_limit,
-        proxy=proxy, evaluate=evaluate, frozen=frozen)
+        proxy=proxy, evaluate=evaluate, frozen=frozen, emit=emit)
     timer = Timer()
     with timer("trace"):
         traced = trace_pair(model_a, model_b, example_input)  # traced, lowered, checked, shape-propagated
@@ -190,8 +197,15 @@ class _Builder:
             spec, w, p = self.head.spec, self.head.widths(widths), self.head.plans(plans)
         with t("widen"):
             merged = widen(self.traced.gm_a, spec, w)
+        dense_notes = []
+        if self.opts.emit == "compact":
+            with t("compact"):
+                emitted = compact(merged, spec, p)
+            merged, dense_notes = emitted.gm, emitted.notes
+            if dense_notes:
+                log.info("%d weight(s) kept dense: %s", len(dense_notes), "; ".join(dense_notes))
         with t("fill"):
-            notes = fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
+            notes = dense_notes + fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
                          ridge=self.opts.ridge, solve=self.opts.method.solve)
         if self.head is not None:
             self.head.split_output(merged)
@@ -205,7 +219,13 @@ class _Builder:
                 methods.repair_batchnorm(merged, self.batches)
         with t("verify"):
             limit = budget if opts.allocation.budget_metric == "params" else 2.0
-            parameters = verify_merged(merged, self.traced.example_args, self.footprint, self.spec, plans, widths, limit)
+            # what the emitted model stores: its structural count (both heads when separate), plus
+            # the zero blocks of layers kept dense
+            spec_e, plans_e = (self.head.spec, self.head.plans(plans)) if self.head else (self.spec, plans)
+            expected = (structural_parameters(spec_e, plans_e, self.footprint.parameter_names)
+                        + stored_zeros(merged, spec_e, plans_e))
+            parameters = verify_merged(merged, self.traced.example_args, self.footprint, self.spec, plans, widths, limit,
+                                       expected_stored=expected)
         merged.eval()
         report = merge_report(spec=self.spec, widths=widths, plans=plans, match=self.match, budget=budget,
                               parameters=parameters, parameters_one_model=self.footprint.base, merged=merged,

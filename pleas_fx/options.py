@@ -9,6 +9,7 @@ import torch
 
 from pleas_fx.core.errors import BudgetError, DataError, PleasError
 from pleas_fx.passes.allocate import AllocationOptions
+from pleas_fx.passes.compact import EMITS
 from pleas_fx.passes.heads import HEADS
 from pleas_fx.passes.methods import FROZEN_POLICIES, Method, get_method, resolve_matching
 
@@ -51,6 +52,7 @@ class MergeOptions:
     seed: int
     allocation: AllocationOptions
     frozen: str = "model_a"
+    emit: str = "compact"
 
     @classmethod
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
@@ -61,7 +63,7 @@ class MergeOptions:
                   budget_metric: str = "params", width_grid: int | Sequence[float] = 8,
                   allocation_time_limit: float = 10.0, proxy: str = "cost",
                   evaluate: Callable[[torch.nn.Module], float] | None = None,
-                  frozen: str = "model_a") -> "MergeOptions":
+                  frozen: str = "model_a", emit: str = "compact") -> "MergeOptions":
         budgets = check_budgets(budget)
         allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy,
                                                evaluate)
@@ -74,6 +76,8 @@ class MergeOptions:
             raise DataError(f"data must be an iterable of batches, a function, or one of {GENERATED}; got {data!r}")
         if frozen not in FROZEN_POLICIES:
             raise PleasError(f"frozen must be one of {FROZEN_POLICIES}, got {frozen!r}")
+        if emit not in EMITS:
+            raise PleasError(f"emit must be one of {EMITS}, got {emit!r}")
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
@@ -88,7 +92,7 @@ class MergeOptions:
             repair=(how.repair and data is not None) if repair is None else repair, data=data,
             max_batches=max_batches, generated_batches_count=generated_batches_count, ridge=float(ridge),
             max_ls_dim=max_ls_dim, stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed,
-            allocation=allocation_options, frozen=frozen,
+            allocation=allocation_options, frozen=frozen, emit=emit,
         )
 
     @property

@@ -204,8 +204,10 @@ class GroupPlan:
         kept_a = np.sort(order[merged:])
         kept_b = np.sort(perm[kept_a])
         absent = lambda n: np.full(n, -1, dtype=np.int64)
-        src_a = np.concatenate([merged_a, kept_a, absent(len(kept_b))])
-        src_b = np.concatenate([perm[merged_a], absent(len(kept_a)), kept_b])
+        # merged features ordered [A-only | merged | B-only]: every block of a merged weight
+        # layer then reads a contiguous slice of its input (pleas_fx.core.layers)
+        src_a = np.concatenate([kept_a, merged_a, absent(len(kept_b))])
+        src_b = np.concatenate([absent(len(kept_a)), perm[merged_a], kept_b])
         return GroupPlan(d, src_a.astype(np.int64), src_b.astype(np.int64))
 
     @staticmethod
