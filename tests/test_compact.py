@@ -231,3 +231,29 @@ def test_torchvision_models_store_within_the_budget(name):
         # (a ViT whose residual stream is merged entirely has no layer with a zero block)
         assert _blocks(m) or name == "vit_b_16"
         assert torch.isfinite(nets.run(m, x)).all()
+
+
+def test_attention_projections_become_block_layers():
+    """A small torchvision ViT (lowered nn.MultiheadAttention: fused q/k/v projection, heads):
+    at budgets 1.5 and 2 the projections are block layers (the fused q/k/v output through an
+    index buffer), storing the structural count and computing the dense emission's output."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                              num_classes=3)
+        nn.init.normal_(m.heads.head.weight, std=0.2)
+        return m.eval()
+
+    a, b = make(0), make(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    data = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(2)]
+    for budget in (1.5, 2.0):
+        m = pleas_fx.merge(a, b, x, budget, data, progress=False)
+        d = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense")
+        assert _stored(m) == m.meta["pleas_fx"]["parameters"] <= budget * _stored(a)
+        assert relative_error(_run64(m, x), _run64(d, x)) < 1e-10
+    in_proj = [mod for name, mod in m.named_modules() if name.endswith("in_proj")]
+    assert in_proj and all(isinstance(p, BlockLinear) and p.out_order is not None for p in in_proj)
