@@ -13,7 +13,8 @@ Cases (random weights and calibration images: neither latency nor size depends o
 - vit_b_16: torchvision's ViT-B/16 at 64 px (16 tokens + class token).
 
 Latency: median over --repeats forward passes of a batch of --batch images after 3 warm-up
-passes, under torch.inference_mode, with --threads intra-op threads (default 1).
+passes, under torch.inference_mode, with --threads intra-op threads (default 1); the models of a
+case take turns, one pass each per round, so a shared machine's changing load affects all alike.
 
     nice -n 10 python tools/bench_latency.py --cases digits resnet18
 """
@@ -62,19 +63,22 @@ def make_pair(case: str, size: int):
     return make(0), make(1), (1, 3, 64 if case == "vit_b_16" else size, 64 if case == "vit_b_16" else size)
 
 
-def latency(fn, x, repeats: int) -> float:
-    """Median seconds of fn(x) after 3 warm-up calls."""
+def latencies(fns: list, x, repeats: int) -> list[float]:
+    """Median seconds of each fn(x), after 3 warm-up calls each; the models take turns, one call
+    each per round, so that a change of load on a shared machine affects all of them alike."""
     import torch
 
+    times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
-        times = []
+        for fn in fns:
+            for _ in range(3):
+                fn(x)
         for _ in range(repeats):
-            t = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+            for i, fn in enumerate(fns):
+                t = time.perf_counter()
+                fn(x)
+                times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def macs(model, x) -> int:
@@ -105,19 +109,19 @@ def run_case(case: str, args) -> list[dict]:
     merge_s = time.perf_counter() - t
     one_p = sum(p.numel() for p in a.parameters())
     one_m = macs(a, example)
-    rows = []
+    rows, fns = [], []
 
     def row(name, budget, model_fn, stored, mac):
-        rows.append({"case": case, "model": name, "budget": budget, "stored": stored / one_p, "macs": mac / one_m,
-                     "ms": 1000 * latency(model_fn, x, args.repeats)})
+        rows.append({"case": case, "model": name, "budget": budget, "stored": stored / one_p, "macs": mac / one_m})
+        fns.append(model_fn)
 
     row("one model", 1.0, a, one_p, one_m)
     row("ensemble", 2.0, lambda v: 0.5 * (a(v) + b(v)), 2 * one_p, 2 * one_m)
     for emit, models in merged.items():
         for budget, m in zip(BUDGETS, models):
             row(f"merged ({emit})", budget, m, sum(p.numel() for p in m.parameters()), macs(m, example))
-    for r in rows:
-        r["one_model_parameters"], r["merge_s"] = one_p, round(merge_s, 1)
+    for r, seconds in zip(rows, latencies(fns, x, args.repeats)):
+        r["ms"], r["one_model_parameters"], r["merge_s"] = 1000 * seconds, one_p, round(merge_s, 1)
     return rows
 
 
