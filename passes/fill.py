@@ -1,5 +1,6 @@
-"""Fill pass: the merged model's weights, written into a widened module (passes/widen.py) for
-one set of group plans.
+"""Fill pass: the merged model's weights, written into a widened module (passes/widen.py, made
+compact by passes/compact.py) for one set of group plans. Every value is computed dense and
+written by `pleas_fx.core.layers.write_tensor`, which stores a block layer's blocks directly.
 
 - Solved weight nodes (the weight plan, passes/weights.py) get, in closed form from the
   statistics, W = argmin E||W M_in [x_A; x_B; 1] - M_out [y_A; y_B]||^2 + lam ||W - W0||^2, where
@@ -22,6 +23,7 @@ import torch.fx as fx
 from pleas_fx.core.errors import InternalError, PleasError
 from pleas_fx.core.fxutil import getattr_path, node_shape, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
+from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
 from pleas_fx.passes.linalg import SOLVES, MergedInputs, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.merged_inputs import merged_input_moments, split_moments, weight_levels
@@ -54,10 +56,8 @@ class _Filler:
         return param_value(self.gm_a, self.spec, name).detach(), param_value(self.gm_b, self.spec, name).detach()
 
     def write(self, name: str, value: torch.Tensor) -> None:
-        target = getattr_path(self.merged, name)
-        if tuple(value.shape) != tuple(target.shape):
-            raise InternalError("fill", name, f"filled with shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        target.data.copy_(value.to(target.dtype))
+        """Write a dense merged value: into the tensor, or into a block layer's blocks."""
+        write_tensor(self.merged, name, value)
         self.done.add(name)
 
     def zip_param(self, name: str) -> torch.Tensor:
@@ -88,7 +88,7 @@ class _Filler:
         if not norm.affine:
             raise InternalError("fill", norm.node, "a normalisation without affine parameters cannot be folded")
         var = var.clamp_min(0)
-        shape = getattr_path(self.merged, weight_name).shape
+        shape = tensor_shape(self.merged, weight_name)
         self.write(weight_name, (r.reshape(-1, *[1] * (a_w.dim() - 1)) * a_w).reshape(shape))
         if bias_name is not None:
             self.write(bias_name, torch.zeros_like(a_b))
@@ -132,7 +132,7 @@ class _Filler:
                               method, merged=merged)
         if sol.fallback:
             self.notes.append(f"{w.node}: least squares ill-conditioned; used the mapped weights")
-        shape = getattr_path(self.merged, w.weight).shape
+        shape = tensor_shape(self.merged, w.weight)
         if norm:
             (sa, _), (sb, _) = self.norm_affine(norm)
             r = self.zip_values(safe_inverse(sa), safe_inverse(sb), out_map)
@@ -225,7 +225,7 @@ def fill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, spe
             if not torch.is_tensor(value):
                 continue
             if not value.is_floating_point():  # integer buffers (counters, indices) are A's
-                if value.shape == getattr_path(merged, name).shape:
+                if tuple(value.shape) == tensor_shape(merged, name):
                     f.write(name, value.clone())
                 continue
             f.write(name, f.zip_param(name))

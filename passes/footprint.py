@@ -27,6 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from pleas_fx.core.errors import PleasError
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import GroupSpec, Layout
+from pleas_fx.core.layers import BLOCK_LAYERS
 from pleas_fx.passes.weights import weight_nodes
 
 
@@ -205,8 +206,9 @@ def mac_weights(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def measure_macs(gm: fx.GraphModule, example_args: tuple, structural: bool = True) -> int:
-    """Multiply-accumulates of `gm`'s weight nodes on `example_args`, counted on the module
-    itself: non-zero weight entries (structural=True) or all entries, times output positions."""
+    """Multiply-accumulates of `gm`'s weight nodes and block layers on `example_args`, counted on
+    the module itself: non-zero weight entries (structural=True) or all stored entries, times
+    output positions."""
     with torch.no_grad():
         ShapeProp(gm).propagate(*example_args)
     total = 0
@@ -215,4 +217,10 @@ def measure_macs(gm: fx.GraphModule, example_args: tuple, structural: bool = Tru
         weight = getattr_path(gm, w.weight)
         entries = int(torch.count_nonzero(weight)) if structural else weight.numel()
         total += entries * (prod(nodes[w.node].meta["tensor_meta"].shape) // max(weight.shape[0], 1))
+    for node in gm.graph.nodes:  # block layers (compact emission): every stored block entry
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, BLOCK_LAYERS):
+            blocks = [p for p in (mod.weight_a, mod.weight_s, mod.weight_b) if p is not None]
+            entries = sum(int(torch.count_nonzero(p)) if structural else p.numel() for p in blocks)
+            total += entries * (prod(node.meta["tensor_meta"].shape) // max(mod.out_features, 1))
     return total

@@ -121,10 +121,17 @@ def check_graph(merged: fx.GraphModule, example_args: tuple, pass_name: str = "w
 
 
 def verify_merged(merged: fx.GraphModule, example_args: tuple, footprint, spec: GroupSpec,
-                  plans: dict[int, GroupPlan], widths: dict[int, int], budget: float) -> int:
+                  plans: dict[int, GroupPlan], widths: dict[int, int], budget: float,
+                  expected_stored: int | None = None) -> int:
     """Check the merged model against the footprint model, the budget and the example input;
-    returns its parameter count (entries not structurally zero)."""
+    returns its parameter count (entries not structurally zero). `expected_stored`: what the
+    merged model must store (`sum(p.numel() for p in merged.parameters())`): the structural
+    count of the emitted model plus any structurally zero entries it holds densely."""
     counted = structural_parameters(spec, plans, footprint.parameter_names)
+    stored = count_parameters(merged)
+    if expected_stored is not None and stored != expected_stored:
+        raise InternalError("verify", "the merged parameters",
+                            f"the merged model stores {stored} parameters, the emission should store {expected_stored}")
     predicted = footprint.count(widths)
     pairwise = all(p.pairwise for p in plans.values())
     if counted > predicted or (pairwise and counted != predicted):

@@ -11,6 +11,7 @@ from pleas_fx.calibration import calibration
 from pleas_fx.options import MergeOptions
 from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
+from pleas_fx.passes.compact import compact, stored_zeros
 from pleas_fx.passes.fill import MergedInputOptions, fill
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
@@ -20,7 +21,7 @@ from pleas_fx.passes.layernorm import per_model_layernorms
 from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
-from pleas_fx.passes.verify import check_graph, verify_merged
+from pleas_fx.passes.verify import check_graph, structural_parameters, verify_merged
 from pleas_fx.passes.weights import WeightPlan, plan_weights
 from pleas_fx.passes.widen import widen
 from pleas_fx.report import Timer, merge_report
@@ -61,6 +62,7 @@ def merge(
     frozen: str = "model_a",
     least_squares: str = "merged",
     layernorm: str = "per_model",
+    emit: str = "compact",
 ) -> fx.GraphModule | list[fx.GraphModule]:
     """Merge two same-architecture models into one of `budget` x one model's parameters.
 
@@ -134,6 +136,11 @@ def merge(
             pre-norm transformer) normalises each model's features by that model's own statistics
             and merges them back (passes/layernorm.py): budget 2 is then the ensemble. "shared":
             one LayerNorm over the whole merged axis.
+        emit: "compact" (default): every weight layer whose A-only outputs would read B-only inputs
+            (or the reverse) is a block layer (pleas_fx.core.layers.BlockLinear / BlockConv) that
+            stores only its structural blocks, so the model stores exactly the parameters the
+            budget counts; "dense": the source's layer types at the merged widths, with those
+            blocks stored as zeros (up to ~2x the budget's parameters).
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
@@ -145,7 +152,7 @@ def merge(
         stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed, allocation=allocation,
         budget_metric=budget_metric, width_grid=width_grid, allocation_time_limit=allocation_time_limit,
         proxy=proxy, evaluate=evaluate, frozen=frozen, least_squares=least_squares,
-        layernorm=layernorm)
+        layernorm=layernorm, emit=emit)
     timer = Timer()
     with timer("trace"):
         traced = trace_pair(model_a, model_b, example_input)  # traced, lowered, checked, shape-propagated
@@ -207,13 +214,21 @@ class _Builder:
             merged = widen(self.traced.gm_a, spec, w)
             if self.opts.layernorm == "per_model":
                 per_model_layernorms(merged, spec, p)
-            if self.opts.merged_inputs:  # fill runs the widened graph: a graph that cannot run is widen's bug
+        dense_notes = []
+        if self.opts.emit == "compact":
+            with t("compact"):
+                emitted = compact(merged, spec, p)
+            merged, dense_notes = emitted.gm, emitted.notes
+            if dense_notes:
+                log.info("%d weight(s) kept dense: %s", len(dense_notes), "; ".join(dense_notes))
+        if self.opts.merged_inputs:  # fill runs the emitted graph: a graph that cannot run is a bug of ours
+            with t("widen"):
                 check_graph(merged, self.traced.example_args)
         with t("fill"):
             inputs = (MergedInputOptions(self.batches, self.opts.positions, self.opts.seed, self.opts.stats_dtype)
                       if self.opts.merged_inputs else None)
-            notes = fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
-                         ridge=self.opts.ridge, solve=self.opts.method.solve, merged_inputs=inputs)
+            notes = dense_notes + fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
+                                       ridge=self.opts.ridge, solve=self.opts.method.solve, merged_inputs=inputs)
         if self.head is not None:
             self.head.split_output(merged)
         return merged.eval(), notes, plans
@@ -226,7 +241,13 @@ class _Builder:
                 methods.repair_batchnorm(merged, self.batches)
         with t("verify"):
             limit = budget if opts.allocation.budget_metric == "params" else 2.0
-            parameters = verify_merged(merged, self.traced.example_args, self.footprint, self.spec, plans, widths, limit)
+            # what the emitted model stores: its structural count (both heads when separate), plus
+            # the zero blocks of layers kept dense
+            spec_e, plans_e = (self.head.spec, self.head.plans(plans)) if self.head else (self.spec, plans)
+            expected = (structural_parameters(spec_e, plans_e, self.footprint.parameter_names)
+                        + stored_zeros(merged, spec_e, plans_e))
+            parameters = verify_merged(merged, self.traced.example_args, self.footprint, self.spec, plans, widths, limit,
+                                       expected_stored=expected)
         merged.eval()
         report = merge_report(spec=self.spec, widths=widths, plans=plans, match=self.match, budget=budget,
                               parameters=parameters, parameters_one_model=self.footprint.base, merged=merged,

@@ -9,6 +9,7 @@ import torch
 
 from pleas_fx.core.errors import BudgetError, DataError, PleasError
 from pleas_fx.passes.allocate import AllocationOptions
+from pleas_fx.passes.compact import EMITS
 from pleas_fx.passes.heads import HEADS
 from pleas_fx.passes.methods import FROZEN_POLICIES, Method, get_method, resolve_matching
 
@@ -55,6 +56,7 @@ class MergeOptions:
     frozen: str = "model_a"
     least_squares: str = "merged"
     layernorm: str = "per_model"
+    emit: str = "compact"
 
     @classmethod
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
@@ -66,7 +68,7 @@ class MergeOptions:
                   allocation_time_limit: float = 10.0, proxy: str = "cost",
                   evaluate: Callable[[torch.nn.Module], float] | None = None,
                   frozen: str = "model_a", least_squares: str = "merged",
-                  layernorm: str = "per_model") -> "MergeOptions":
+                  layernorm: str = "per_model", emit: str = "compact") -> "MergeOptions":
         budgets = check_budgets(budget)
         allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy,
                                                evaluate)
@@ -83,6 +85,8 @@ class MergeOptions:
             raise PleasError(f"least_squares must be one of {LEAST_SQUARES}, got {least_squares!r}")
         if layernorm not in LAYERNORMS:
             raise PleasError(f"layernorm must be one of {LAYERNORMS}, got {layernorm!r}")
+        if emit not in EMITS:
+            raise PleasError(f"emit must be one of {EMITS}, got {emit!r}")
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
@@ -98,7 +102,7 @@ class MergeOptions:
             max_batches=max_batches, generated_batches_count=generated_batches_count, ridge=float(ridge),
             max_ls_dim=max_ls_dim, stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed,
             allocation=allocation_options, frozen=frozen, least_squares=least_squares,
-            layernorm=layernorm,
+            layernorm=layernorm, emit=emit,
         )
 
     @property

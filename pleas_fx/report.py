@@ -38,7 +38,7 @@ def merge_report(*, spec: GroupSpec, widths: dict[int, int], plans: dict[int, Gr
         "achieved_budget": parameters / parameters_one_model,
         "parameters": parameters,
         "parameters_one_model": parameters_one_model,
-        "dense_parameters": count_parameters(merged),
+        "stored_parameters": count_parameters(merged),
         "groups": groups,
         "frozen": [{"where": r.where, "reason": str(r), "kind": r.kind} for r in spec.frozen_reasons],
         "unmatched_groups": match.unmatched_groups,

@@ -113,10 +113,11 @@ def test_permute_above_budget_one_keeps_the_worst_matched_pairs_apart_and_averag
     wa, wb = a.net[0].weight.detach().double(), b.net[0].weight.detach().double()
     merged_a = np.sort(order[:g.size - kept])
     expected_rows = 0.5 * (wa[merged_a] + wb[m.perm[g.id][merged_a]])
-    assert torch.allclose(w[:len(merged_a)], expected_rows, atol=1e-6)
+    # merged features are ordered [A-only | merged | B-only]
     worst = np.sort(order[g.size - kept:])
-    assert torch.allclose(w[len(merged_a):len(merged_a) + kept], wa[worst], atol=1e-6)
-    assert torch.allclose(w[len(merged_a) + kept:], wb[np.sort(m.perm[g.id][worst])], atol=1e-6)
+    assert torch.allclose(w[:kept], wa[worst], atol=1e-6)
+    assert torch.allclose(w[kept:kept + len(merged_a)], expected_rows, atol=1e-6)
+    assert torch.allclose(w[kept + len(merged_a):], wb[np.sort(m.perm[g.id][worst])], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- RegMean

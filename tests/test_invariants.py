@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import nets
 import pleas_fx
 from pleas_fx.core.ir import merged_axis_size
+from pleas_fx.core.layers import BlockConv, tensor_shape
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.infer_groups import infer_groups
 from pleas_fx.passes.trace import propagate_shapes, trace_model
@@ -293,13 +294,12 @@ def test_budget_is_honoured_and_equals_the_footprint_count(cfg, seed, budgets):
         assert widths.keys() == mergeable.keys()
         assert all(d <= widths[g] <= 2 * d for g, d in mergeable.items())
         assert footprint.count(widths) == r["parameters"]
-        # dense parameters: every tensor has the merged widths on every axis
-        assert r["dense_parameters"] == sum(p.numel() for p in merged.parameters())
-        merged_tensors = dict(merged.state_dict())
+        # stored parameters: exactly the structural count (compact emission); every tensor, read
+        # densely (a block layer's weight with its zero blocks), has the merged widths on every axis
+        assert r["stored_parameters"] == sum(p.numel() for p in merged.parameters()) == r["parameters"]
         for name, layouts in spec.param_layouts.items():
             expected = tuple(merged_axis_size(lay, widths, frozen) for lay in layouts)
-            assert tuple(merged_tensors[name].shape) == expected, name
-        assert r["dense_parameters"] >= r["parameters"]
+            assert tensor_shape(merged, name) == expected, name
         if budget == 1.0:
             assert r["parameters"] == one_model
             assert all(widths[g] == d for g, d in mergeable.items())
@@ -399,12 +399,16 @@ def test_merged_module_is_a_readable_trainable_graph_module():
     b = nets.randomize_norms(Named(), 1).eval()
     x = torch.randn(2, 3, 6, 6)
     data = nets.batches((3, 6, 6), 2, 0)
-    merged = _merge(a, b, x, 2.0, data)
+    compact = _merge(a, b, x, 2.0, data)
+    # compact emission (the default): the same calls; a layer with zero blocks is a block layer
+    assert isinstance(compact.branch, BlockConv) and (compact.branch.in_features, compact.branch.out_features) == (16, 8)
+    assert compact.code == _merge(a, b, x, 2.0, data, emit="dense").code
+    merged = _merge(a, b, x, 2.0, data, emit="dense")
     assert isinstance(merged, fx.GraphModule) and not merged.training
     assert isinstance(merged.code, str)
     for name in ("stem", "stem_bn", "branch", "classifier"):
         assert f"self.{name}" in merged.code, name
-    # layer types are kept, with widened attributes
+    # dense emission: layer types are kept, with widened attributes
     assert isinstance(merged.stem, nn.Conv2d) and merged.stem.out_channels == 16
     assert merged.stem.weight.shape == (16, 3, 3, 3)
     assert isinstance(merged.stem_bn, nn.BatchNorm2d) and merged.stem_bn.num_features == 16
@@ -412,14 +416,15 @@ def test_merged_module_is_a_readable_trainable_graph_module():
     assert merged.classifier.in_features == 24 * 4 and merged.classifier.out_features == 5
     assert "96" in merged.code  # the reshape's constant 48 was rewritten
     assert relative_error(nets.run(merged, x), nets.ensemble(a, b, x)) < 1e-4
-    # it trains like any module
-    merged.train()
-    loss = merged(torch.randn(4, 3, 6, 6)).square().mean()
-    loss.backward()
-    assert all(p.grad is not None for p in merged.parameters())
+    # it trains like any module, in either emission
+    for m in (merged, compact):
+        m.train()
+        loss = m(torch.randn(4, 3, 6, 6)).square().mean()
+        loss.backward()
+        assert all(p.grad is not None for p in m.parameters())
     # and the report is plain data
     r = merged.meta["pleas_fx"]
-    for key in ("requested_budget", "achieved_budget", "parameters", "dense_parameters", "parameters_one_model",
+    for key in ("requested_budget", "achieved_budget", "parameters", "stored_parameters", "parameters_one_model",
                 "groups", "frozen", "notes", "timings"):
         assert key in r, key
     assert all(isinstance(v, float) for v in r["timings"].values())

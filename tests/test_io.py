@@ -278,7 +278,7 @@ def test_budget_sweep_equals_separate_merges(merged_pair):
 
 def test_refuses_weights_of_other_shapes(tmp_path, merged_pair):
     a, b, data = merged_pair
-    m1, m2 = pleas_fx.merge(a, b, data[0][:2], [1.0, 1.6], data=data, progress=False)
+    m1, m2 = pleas_fx.merge(a, b, data[0][:2], [1.0, 1.6], data=data, progress=False, emit="dense")
     p1, p2 = save(m1, tmp_path / "m1"), save(m2, tmp_path / "m2")
     (p1 / "weights.safetensors").write_bytes((p2 / "weights.safetensors").read_bytes())
     with pytest.raises(WeightError, match=r"weights do not match the model code: .*has \S+ with shape \(\d+(, \d+)*\), but module"):

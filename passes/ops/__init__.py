@@ -4,8 +4,8 @@ from pleas_fx.passes.ops import (  # noqa: F401  (registration on import)
     attention, conv, elementwise, linear, norms, plumbing, pooling, reductions, shape, slicing, timm_layers,
 )
 from pleas_fx.passes.ops.registry import (
-    OpSpec, Resizing, describe_op, lookup_op, module_spec, overridden_forward, register_handler, register_op,
+    BlockEmit, OpSpec, Resizing, describe_op, lookup_op, module_spec, overridden_forward, register_handler, register_op,
 )
 
-__all__ = ["OpSpec", "Resizing", "describe_op", "lookup_op", "module_spec", "overridden_forward",
+__all__ = ["BlockEmit", "OpSpec", "Resizing", "describe_op", "lookup_op", "module_spec", "overridden_forward",
            "register_handler", "register_op"]

@@ -6,6 +6,9 @@ the conv groups are units shared by the input and output channels, with within g
 each unit's input and output entries. Fill: groups=1 1-D and 2-D convolutions with zero padding are solved
 by least squares over im2col patches (grouped ones conv group by conv group); depthwise
 kernels are mapped per channel; the rest are mapped with a note. Multiply-accumulates: weight entries x output positions.
+Compact emission: a groups=1 1-D or 2-D convolution with zero padding becomes a BlockConv
+(pleas_fx.core.layers); depthwise and grouped convolutions have no structurally zero block
+(their weights are already block-diagonal by conv group) and stay as they are.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import Segment, WeightNode
 from pleas_fx.passes.ops.common import arg, freeze_mixed_positions, is_attr, set_arg, unknown
-from pleas_fx.passes.ops.registry import OpSpec, register_op
+from pleas_fx.passes.ops.registry import BlockEmit, OpSpec, register_op
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -178,6 +181,34 @@ def conv_function_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode | None
                         "zeros", CONV_FUNCTIONS[node.target])
 
 
-register_op(*CONV_MODULES, spec=OpSpec(infer=conv_module, resize=conv_module_resize, weight=conv_module_weight))
+def _conv_emit(x, weight_name, bias_name, weight, groups, stride, padding, dilation, padding_mode, dims):
+    if groups != 1 or dims not in (1, 2) or padding_mode != "zeros" or not isinstance(x, fx.Node):
+        return None
+    geometry = {"kernel_size": tuple(weight.shape[2:]), "stride": _tuple(stride, dims), "dilation": _tuple(dilation, dims),
+                "padding": padding if isinstance(padding, str) else _tuple(padding, dims)}
+    return BlockEmit(x, weight_name, bias_name, geometry)
+
+
+def conv_module_compact(node: fx.Node, gm: fx.GraphModule) -> BlockEmit | None:
+    m = gm.get_submodule(node.target)
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[next(c for c in type(m).__mro__ if c in CONV_MODULES)]
+    return _conv_emit(node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+                      m.weight, m.groups, m.stride, m.padding, m.dilation, m.padding_mode, dims)
+
+
+def conv_function_compact(node: fx.Node, gm: fx.GraphModule) -> BlockEmit | None:
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not is_attr(w) or (b is not None and not is_attr(b)):
+        return None
+    groups = arg(node, 6, "groups", 1)
+    return _conv_emit(arg(node, 0, "input"), w.target, b.target if b is not None else None, getattr_path(gm, w.target),
+                      groups, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1),
+                      "zeros", CONV_FUNCTIONS[node.target])
+
+
+register_op(*CONV_MODULES, spec=OpSpec(infer=conv_module, resize=conv_module_resize, weight=conv_module_weight,
+                                       compact=conv_module_compact))
 register_op(*CONV_FUNCTIONS, spec=OpSpec(infer=conv_function, rewrite=conv_function_rewrite,
-                                         weight=conv_function_weight))
+                                         weight=conv_function_weight, compact=conv_function_compact))

@@ -3,6 +3,7 @@
 Inference: a Linear maps its last input axis (contracted, role "in") to fresh output
 features; an embedding table maps a frozen vocabulary to fresh features. Fill: linear weights
 are solved by least squares; embedding tables are mapped. MACs: weight entries x rows.
+Compact emission: a linear layer becomes a BlockLinear (pleas_fx.core.layers).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.ops.common import arg, is_attr
-from pleas_fx.passes.ops.registry import OpSpec, register_op
+from pleas_fx.passes.ops.registry import BlockEmit, OpSpec, register_op
 
 
 def linear_module(ctx, node):
@@ -56,6 +57,20 @@ def linear_function_weight(node: fx.Node, gm: fx.GraphModule) -> WeightNode | No
     return WeightNode(node.name, w.target, b.target if b is not None else None, "linear")
 
 
+def linear_module_compact(node: fx.Node, gm: fx.GraphModule) -> BlockEmit | None:
+    m = gm.get_submodule(node.target)
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    return BlockEmit(node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
+
+
+def linear_function_compact(node: fx.Node, gm: fx.GraphModule) -> BlockEmit | None:
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not is_attr(w) or (b is not None and not is_attr(b)):
+        return None
+    return BlockEmit(arg(node, 0, "input"), w.target, b.target if b is not None else None)
+
+
 def embedding(ctx, node):
     m = ctx.module()
     ids = ctx.layouts(node.args[0])
@@ -69,6 +84,7 @@ def embedding_resize(module: nn.Embedding, input_shape) -> None:
     module.embedding_dim = module.weight.shape[1]
 
 
-register_op(nn.Linear, spec=OpSpec(infer=linear_module, resize=linear_resize, weight=linear_module_weight))
-register_op(F.linear, spec=OpSpec(infer=linear_function, weight=linear_function_weight))
+register_op(nn.Linear, spec=OpSpec(infer=linear_module, resize=linear_resize, weight=linear_module_weight,
+                                   compact=linear_module_compact))
+register_op(F.linear, spec=OpSpec(infer=linear_function, weight=linear_function_weight, compact=linear_function_compact))
 register_op(nn.Embedding, spec=OpSpec(infer=embedding, resize=embedding_resize))

@@ -13,6 +13,8 @@ An `OpSpec` gathers what every pass needs to know about an op:
   mapped, with the reason); multiply-accumulates are counted from it.
 - `norm(node, gm) -> NormNode | None` (fill): a per-channel affine normalisation with running
   statistics, folded into a weight node directly before it.
+- `compact(node, gm) -> BlockEmit | None` (compact): how the weight node is emitted as a block
+  layer storing only its structural blocks (pleas_fx.core.layers), or None to keep it dense.
 
 Specs are keyed by module class, by function object, or by tensor-method name. A module class
 is looked up along its MRO, but a subclass that overrides `forward` does not inherit its
@@ -54,6 +56,18 @@ class Resizing:
 
 
 @dataclass(frozen=True)
+class BlockEmit:
+    """How the compact pass (passes/compact.py) emits a weight node as a block layer
+    (pleas_fx.core.layers): the node's input, its weight and bias by qualified name, and for a
+    convolution its geometry (None: a linear layer)."""
+
+    input: fx.Node
+    weight: str
+    bias: str | None
+    conv: dict | None = None  # kernel_size, stride, padding, dilation
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """What every pass knows about one op (see the module docstring); only `infer` is required."""
 
@@ -65,6 +79,8 @@ class OpSpec:
     rewrite: Callable[[fx.Node, Resizing], None] | None = None
     weight: Callable[[fx.Node, fx.GraphModule], WeightNode | None] | None = None
     norm: Callable[[fx.Node, fx.GraphModule], NormNode | None] | None = None
+    # compact emission: the block layer this weight node becomes (None: kept as it is)
+    compact: Callable[[fx.Node, fx.GraphModule], BlockEmit | None] | None = None
 
 
 _MODULE_SPECS: dict[type, OpSpec] = {}

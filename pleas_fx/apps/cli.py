@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--eval", default=None, metavar="DATA_WITH_LABELS",
                    help="labelled data (ImageFolder layout or a tensor file with labels) for accuracy.png")
     m.add_argument("--eval-batches", type=int, default=None, metavar="N", help="evaluate on at most N batches")
+    m.add_argument("--emit", choices=("compact", "dense"), default="compact",
+                   help="compact (default): block layers store only the structural blocks, so the saved model "
+                        "stores the budget's parameters; dense: the source's layer types, zero blocks stored")
     m.add_argument("--device", default="cpu", help="torch device for the merge")
     m.add_argument("--seed", type=int, default=0, help="seed for data order and generated data")
     m.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
@@ -269,6 +272,7 @@ def _merge_command(args, argv: list[str]) -> int:
     merged = pleas_fx.merge(
         model_a, model_b, example, list(budgets), data=calibration,
         matching=args.matching, max_batches=args.batches, progress=_progress_enabled(args), seed=args.seed,
+        emit=args.emit,
     )
     timings["merge"] = time.perf_counter() - t
     if distributed_rank() > 0:  # under torchrun every rank merges; rank 0 writes
@@ -321,11 +325,13 @@ def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
     acc = {p["budget"]: p["accuracy"] for p in evaluation["accuracy"]["merged"]} if evaluation else {}
     lines = [f"merged {args.model} at {len(budgets)} budget{'s' if len(budgets) > 1 else ''} in "
              f"{timings['merge']:.1f} s (one statistics pass) -> {out}"]
-    header = f"  {'budget':>6}  {'achieved':>8}  {'parameters':>10}" + (f"  {'accuracy':>8}" if acc else "") + "  folder"
+    header = (f"  {'budget':>6}  {'achieved':>8}  {'parameters':>10}  {'stored':>10}" + (f"  {'accuracy':>8}" if acc else "")
+              + "  folder")
     lines.append(header)
     for b, m in zip(budgets, merged):
         r = m.meta.get("pleas_fx", {})
-        row = f"  {b:>6g}  {r.get('achieved_budget', float('nan')):>8.3f}  {r.get('parameters', 0):>10}"
+        row = (f"  {b:>6g}  {r.get('achieved_budget', float('nan')):>8.3f}  {r.get('parameters', 0):>10}"
+               f"  {r.get('stored_parameters', 0):>10}")
         if acc:
             row += f"  {acc[b]:>7.1f}%"
         lines.append(row + f"  {out / budget_dir(b)}")

@@ -196,7 +196,7 @@ class GroupPlan:
     @staticmethod
     def from_matching(perm: np.ndarray, costs: np.ndarray, merged: int) -> "GroupPlan":
         """`perm[i]` = B feature matched to A feature i, `costs[i]` its cost; the `merged`
-        cheapest pairs are averaged, every other feature of A and of B is kept apart."""
+        cheapest pairs are averaged, the others kept apart: [A-only | merged | B-only] (core/layers.py)."""
         d = len(perm)
         merged = int(np.clip(merged, 0, d))
         order = np.argsort(costs, kind="stable")
@@ -204,8 +204,8 @@ class GroupPlan:
         kept_a = np.sort(order[merged:])
         kept_b = np.sort(perm[kept_a])
         absent = lambda n: np.full(n, -1, dtype=np.int64)
-        src_a = np.concatenate([merged_a, kept_a, absent(len(kept_b))])
-        src_b = np.concatenate([perm[merged_a], absent(len(kept_a)), kept_b])
+        src_a = np.concatenate([kept_a, merged_a, absent(len(kept_b))])
+        src_b = np.concatenate([absent(len(kept_a)), perm[merged_a], kept_b])
         return GroupPlan(d, src_a.astype(np.int64), src_b.astype(np.int64))
 
     @staticmethod

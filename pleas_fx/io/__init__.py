@@ -14,7 +14,9 @@ anything from the folder:
 
 * every submodule is constructed from graph.json, and only if its class is a ``torch.nn``
   module class (``torch.nn.Conv2d``, ``torch.nn.BatchNorm2d``, ...; containers become plain
-  ``torch.nn.Module``); its constructor arguments are plain JSON values;
+  ``torch.nn.Module``) or one of pleas_fx's block layers (``pleas_fx.core.layers.BlockLinear``,
+  ``BlockConv``: a merged layer's structural blocks); its constructor arguments are plain JSON
+  values;
 * the fx graph is rebuilt node by node with ``torch.fx.Graph.create_node``. A
   ``call_function`` target must be in an allow-list: the tensor functions of ``torch``,
   ``torch.nn.functional``, ``torch.linalg``, ``torch.fft`` and ``torch.special`` (those

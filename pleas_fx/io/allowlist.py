@@ -1,6 +1,6 @@
 """What a saved model may call, and the resolution of saved names: the allow-list of functions
 (torch tensor functions, operator, getattr, torch.fx-wrapped torch/torchvision functions) and
-of submodule classes (torch.nn layers). Saving maps objects to names, loading names back to
+of submodule classes (torch.nn layers, and pleas_fx's own block layers, pleas_fx.core.layers). Saving maps objects to names, loading names back to
 objects, and refuses anything else: this is what keeps load() from running foreign code."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from pleas_fx.core.errors import PleasError
+from pleas_fx.core.layers import BLOCK_LAYERS
 from pleas_fx.io.errors import SaveError
 
 
@@ -91,9 +92,14 @@ def _resolve_function(name: str, where: str) -> Any:
 
 
 # ------------------------------------------------------------------- allow-listed classes
+_BLOCK_LAYERS = {f"pleas_fx.core.layers.{cls.__name__}": cls for cls in BLOCK_LAYERS}
+
+
 def _module_class(cls: type) -> str:
     if cls is nn.Module:
         return "torch.nn.Module"
+    if cls in BLOCK_LAYERS:  # the merged model's block layers (pleas_fx.core.layers)
+        return f"pleas_fx.core.layers.{cls.__name__}"
     if cls.__module__.startswith("torch.nn.modules.") and getattr(nn, cls.__name__, None) is cls:
         return f"torch.nn.{cls.__name__}"
     raise SaveError(
@@ -103,6 +109,8 @@ def _module_class(cls: type) -> str:
 
 
 def _resolve_class(name: str, where: str) -> type:
+    if name in _BLOCK_LAYERS:
+        return _BLOCK_LAYERS[name]
     prefix = "torch.nn."
     attr = name[len(prefix):] if name.startswith(prefix) else ""
     cls = getattr(nn, attr, None) if attr and "." not in attr else None

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from pleas_fx.core.errors import PleasError, WeightError
+from pleas_fx.core.layers import BLOCK_LAYERS
 from pleas_fx.io.allowlist import _module_class, _resolve_class
 from pleas_fx.io.codec import _decode, _encode
 from pleas_fx.io.errors import SaveError
@@ -24,6 +25,7 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # constructor arguments that are not stored under their own name
 _SPECIAL_ARGS = {
     nn.MultiheadAttention: lambda m: {"bias": m.in_proj_bias is not None, "add_bias_kv": m.bias_k is not None},
+    **{cls: (lambda m: {"bias": any(getattr(m, f"bias_{k}") is not None for k in "asb")}) for cls in BLOCK_LAYERS},
 }
 
 
