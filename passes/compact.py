@@ -121,6 +121,7 @@ def compact(gm: fx.GraphModule, spec: GroupSpec, plans: dict[int, GroupPlan]) ->
     uses = tensor_uses(out, spec.aliases)
     tied = set(spec.aliases) | set(spec.aliases.values())
     moved: dict[str, tuple[str, str]] = {}
+    renamed: dict[str, str] = {}
     result = CompactResult(out)
     for node in list(out.graph.nodes):
         op = lookup_op(node, out)
@@ -149,6 +150,7 @@ def compact(gm: fx.GraphModule, spec: GroupSpec, plans: dict[int, GroupPlan]) ->
             with out.graph.inserting_before(node):
                 call = out.graph.call_module(target, (emit.input,))
             call.meta = dict(node.meta)
+            renamed[call.name] = node.name
             node.replace_all_uses_with(call)
             attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
             out.graph.erase_node(node)
@@ -160,6 +162,7 @@ def compact(gm: fx.GraphModule, spec: GroupSpec, plans: dict[int, GroupPlan]) ->
                 moved[n] = (target, leaf_name)
         result.blocks.append(node.name)
     out.meta["block_tensors"] = moved
+    out.meta["block_nodes"] = renamed  # block-layer call -> the functional node it replaced
     out.graph.lint()
     out.recompile()
     return result

@@ -37,11 +37,12 @@ def weight_levels(gm: fx.GraphModule, nodes: list[WeightNode]) -> list[list[Weig
     """The solved weight nodes grouped by level, in graph order within a level: level k holds
     the nodes with k solved nodes on their longest path from the input."""
     by_name = {w.node: w for w in nodes}
+    renamed = gm.meta.get("block_nodes", {})  # compact emission's block-layer call -> the weight node it replaced
     depth: dict[fx.Node, int] = {}
     levels: dict[int, list[WeightNode]] = {}
     for node in gm.graph.nodes:
         d = max((depth[i] for i in node.all_input_nodes), default=0)
-        w = by_name.get(node.name)
+        w = by_name.get(renamed.get(node.name, node.name))
         if w is not None:
             levels.setdefault(d, []).append(w)
             d += 1
@@ -153,8 +154,9 @@ def merged_input_moments(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.
     under torch.distributed, then all-reduced): per node, a = x~ the merged network's input,
     b = s = [x_A; x_B] the sources'."""
     wanted = {w.node: w.node for w in level}
+    renamed = {old: new for new, old in merged.meta.get("block_nodes", {}).items()}
     b_names = {na.name: nb.name for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}  # same architecture
-    runs = [_Capture(merged, wanted), _Capture(gm_a, wanted),
+    runs = [_Capture(merged, {renamed.get(n, n): n for n in wanted}), _Capture(gm_a, wanted),
             _Capture(gm_b, {b_names[n]: n for n in wanted})]
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, SecondMoments] = {}

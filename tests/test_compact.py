@@ -104,8 +104,10 @@ def test_stored_is_structural_within_budget_and_equals_dense(cfg, seed, budget):
     a, b = nets.build(cfg, seed).eval(), nets.build(cfg, seed + 1).eval()
     x, data = nets.example_and_data(cfg, seed)
     one = _stored(a)
-    compact = pleas_fx.merge(a, b, x, budget, data, progress=False)
-    dense = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense")
+    # source-input least squares: both emissions are filled from the same statistics, so they
+    # must compute the same function (merged-input solves read float32 activations of each)
+    compact = pleas_fx.merge(a, b, x, budget, data, progress=False, least_squares="source")
+    dense = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense", least_squares="source")
     r = compact.meta["pleas_fx"]
     assert _stored(compact) == r["stored_parameters"] == r["parameters"] <= budget * one + 1e-9
     assert dense.meta["pleas_fx"]["parameters"] == r["parameters"]
@@ -181,7 +183,8 @@ def test_functional_linear_and_conv_become_block_layers():
         d = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense")
         assert _blocks(m)
         assert _stored(m) == m.meta["pleas_fx"]["parameters"] <= budget * _stored(a)
-        assert relative_error(_run64(m, x), _run64(d, x)) < 1e-10
+        # merged-input least squares solves on each emission's own float32 activations
+        assert relative_error(_run64(m, x), _run64(d, x)) < 1e-6
     assert relative_error(nets.run(m, x), nets.ensemble(a, b, x)) < 1e-5
 
 
@@ -254,6 +257,7 @@ def test_attention_projections_become_block_layers():
         m = pleas_fx.merge(a, b, x, budget, data, progress=False)
         d = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense")
         assert _stored(m) == m.meta["pleas_fx"]["parameters"] <= budget * _stored(a)
-        assert relative_error(_run64(m, x), _run64(d, x)) < 1e-10
+        # merged-input least squares solves on each emission's own float32 activations
+        assert relative_error(_run64(m, x), _run64(d, x)) < 1e-6
     in_proj = [mod for name, mod in m.named_modules() if name.endswith("in_proj")]
     assert in_proj and all(isinstance(p, BlockLinear) and p.out_order is not None for p in in_proj)
