@@ -109,6 +109,8 @@ def group_units(ctx, layout, groups: int, what: str):
     per = channels // groups
     if per == 1:  # one channel per group: per-channel
         return
+    if groups == 1:  # one block of all channels: its statistics ignore their order (like LayerNorm)
+        return
     seg = layout[0] if len(layout) == 1 else None
     if seg is not None and seg.outer == 1 and seg.size == groups and seg.inner == per:
         return  # already blocks of this size (a second norm on the same stream)
