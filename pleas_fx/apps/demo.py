@@ -370,7 +370,7 @@ def _run_pair(args, pair: int) -> tuple[list, int, float, float]:
         budget=list(args.budgets),
         data=calib,
         max_batches=args.max_batches,
-        progress=verbose,
+        progress=None if verbose else False,  # a bar only on a terminal
     )
     sweep_seconds = time.perf_counter() - t0
     shared = ("trace", "infer_groups", "statistics", "matching")
