@@ -179,23 +179,34 @@ def _drop_repeated_within_sites(gm: fx.GraphModule, groups: dict[int, Group]) ->
 SEGMENT_SITES = 4  # segment sites per group seen only inside axes of several segments
 
 
-def _add_segment_sites(gm: fx.GraphModule, groups: dict[int, Group], node_layouts: dict[str, Any]) -> None:
-    """A mergeable group that is never a whole axis (only a piece of concats, splits, slices
-    made of several segments) gets sites on those pieces, so matching sees it."""
-    unseen = {g.id for g in groups.values() if not g.sites and not g.frozen and g.parent is None}
+def _unseen(groups: dict[int, Group]) -> set[int]:
+    """Mergeable top-level groups that have no activation site yet."""
+    return {g.id for g in groups.values() if not g.sites and not g.frozen and g.parent is None}
+
+
+def _output_axes(gm: fx.GraphModule, node_layouts: dict[str, Any], unseen: set[int]):
+    """(node, axis, layout) of every tensor output axis, while `unseen` is not empty."""
     for node in gm.graph.nodes:
         value = node_layouts.get(node.name)
         if not unseen or node.op in ("placeholder", "get_attr", "output") or not value or isinstance(value[0], list):
             continue
         for axis, lay in enumerate(value):
-            offset = 0
-            for seg in lay:
-                g = groups[seg.group]
-                if seg.group in unseen and len(lay) > 1 and seg.inner == seg.outer == 1 and seg.within is None:
-                    g.sites.append(Site(node.name, axis, start=offset, size=seg.size))
-                    if len(g.sites) >= SEGMENT_SITES:
-                        unseen.discard(seg.group)
-                offset += seg.numel
+            yield node, axis, lay
+
+
+def _add_segment_sites(gm: fx.GraphModule, groups: dict[int, Group], node_layouts: dict[str, Any]) -> None:
+    """A mergeable group that is never a whole axis (only a piece of concats, splits, slices
+    made of several segments) gets sites on those pieces, so matching sees it."""
+    unseen = _unseen(groups)
+    for node, axis, lay in _output_axes(gm, node_layouts, unseen):
+        offset = 0
+        for seg in lay:
+            g = groups[seg.group]
+            if seg.group in unseen and len(lay) > 1 and seg.inner == seg.outer == 1 and seg.within is None:
+                g.sites.append(Site(node.name, axis, start=offset, size=seg.size))
+                if len(g.sites) >= SEGMENT_SITES:
+                    unseen.discard(seg.group)
+            offset += seg.numel
 
 
 ENTRY_SITE_MAX = 4096  # entries of a units x entries site (its moments are that size squared)
@@ -204,18 +215,14 @@ ENTRY_SITE_MAX = 4096  # entries of a units x entries site (its moments are that
 def _add_entry_sites(gm: fx.GraphModule, groups: dict[int, Group], node_layouts: dict[str, Any]) -> None:
     """A mergeable group still without a site, seen as one segment of units with a few entries
     each in a fixed order (conv groups after a channel shuffle or a concat), gets sites there."""
-    unseen = {g.id for g in groups.values() if not g.sites and not g.frozen and g.parent is None}
-    for node in gm.graph.nodes:
-        value = node_layouts.get(node.name)
-        if not unseen or node.op in ("placeholder", "get_attr", "output") or not value or isinstance(value[0], list):
-            continue
-        for axis, lay in enumerate(value):
-            seg = lay[0] if len(lay) == 1 else None
-            if (seg is not None and seg.group in unseen and seg.within is None and seg.outer == 1 and seg.inner > 1
-                    and seg.numel <= ENTRY_SITE_MAX):
-                groups[seg.group].sites.append(Site(node.name, axis, entries=True))
-                if len(groups[seg.group].sites) >= SEGMENT_SITES:
-                    unseen.discard(seg.group)
+    unseen = _unseen(groups)
+    for node, axis, lay in _output_axes(gm, node_layouts, unseen):
+        seg = lay[0] if len(lay) == 1 else None
+        if (seg is not None and seg.group in unseen and seg.within is None and seg.outer == 1 and seg.inner > 1
+                and seg.numel <= ENTRY_SITE_MAX):
+            groups[seg.group].sites.append(Site(node.name, axis, entries=True))
+            if len(groups[seg.group].sites) >= SEGMENT_SITES:
+                unseen.discard(seg.group)
 
 
 def _collect(ctx: InferenceContext, gm: fx.GraphModule, frozen_reasons) -> GroupSpec:

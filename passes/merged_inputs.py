@@ -28,7 +28,7 @@ from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import conv_output_size
+from pleas_fx.passes.patch_plan import conv_output_size, patches_at
 
 CHUNK_ROWS = 8192
 
@@ -118,22 +118,9 @@ def _accumulate(acc: SecondMoments | None, w: WeightNode, xm: torch.Tensor, xa: 
     step = max(1, CHUNK_ROWS // positions)
     for start in range(0, xm.shape[0], step):
         idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xm.device)
-        pm, ps = (_patches_at(w, x[start:start + step], pads, idx, out_w) for x in (xm, xs))
+        pm, ps = (patches_at(w, x[start:start + step], pads, idx, out_w) for x in (xm, xs))
         accumulate_rows(acc, pm.transpose(0, 1).reshape(pm.shape[1], -1), ps.transpose(0, 1).reshape(ps.shape[1], -1))
     return acc
-
-
-def _patches_at(w: WeightNode, x: torch.Tensor, pads, idx: torch.Tensor, out_w: int) -> torch.Tensor:
-    """im2col columns at the output positions `idx` only, (n, C*kh*kw, len(idx))."""
-    (kh, kw), (sh, sw), (dh, dw) = w.kernel, w.stride, w.dilation
-    (pt, pb), (pl, pr) = pads
-    xp = F.pad(x, (pl, pr, pt, pb)) if pt or pb or pl or pr else x
-    oy, ox = idx // out_w, idx % out_w
-    ky = torch.arange(kh, device=x.device).repeat_interleave(kw)
-    kx = torch.arange(kw, device=x.device).repeat(kh)
-    rows = oy[None, :] * sh + ky[:, None] * dh
-    cols = ox[None, :] * sw + kx[:, None] * dw
-    return xp[:, :, rows, cols].reshape(x.shape[0], -1, idx.numel())
 
 
 def split_moments(acc: SecondMoments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

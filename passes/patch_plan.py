@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from pleas_fx.core.ir import WeightNode
 
 CHUNK_BYTES = 64 * 2**20
 
@@ -140,3 +143,19 @@ def estimate_seconds(shape, kernel, stride=1, padding=0, dilation=1, *, device="
     traffic = 4 * n * dim * length * itemsize + chunks * out_bytes * 2
     unfold = macs / macs_per_s + chunks * 12 * call_s + traffic / bytes_per_s
     return {"correlation": correlation, "unfold": unfold}
+
+
+def patches_at(node: WeightNode, x: torch.Tensor, pads, idx: torch.Tensor, out_w: int) -> torch.Tensor:
+    """im2col columns at the output positions ``idx`` only: (n, C*kh*kw, len(idx)), ordered as
+    F.unfold orders them, gathered without unfolding the whole map. `pads`: ((top, bottom),
+    (left, right)) zero padding."""
+    (kh, kw), (sh, sw), (dh, dw) = node.kernel, node.stride, node.dilation
+    (pt, pb), (pl, pr) = pads
+    xp = F.pad(x, (pl, pr, pt, pb)) if pt or pb or pl or pr else x
+    oy, ox = idx // out_w, idx % out_w
+    ky = torch.arange(kh, device=x.device).repeat_interleave(kw)
+    kx = torch.arange(kw, device=x.device).repeat(kh)
+    rows = oy[None, :] * sh + ky[:, None] * dh  # (kh*kw, P)
+    cols = ox[None, :] * sw + kx[:, None] * dw
+    patches = xp[:, :, rows, cols]  # (n, C, kh*kw, P)
+    return patches.reshape(x.shape[0], -1, idx.numel())

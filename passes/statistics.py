@@ -27,7 +27,7 @@ from pleas_fx.core.progress import progress_bar
 from pleas_fx.passes.distributed import all_reduce_sums, shard_total, sharded, world
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import conv_output_size
+from pleas_fx.passes.patch_plan import conv_output_size, patches_at
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,8 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
     step = max(1, GRAM_CHUNK_ROWS // positions)
     for start in range(0, xa.shape[0], step):
         idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xa.device)
-        ca, cb = (_patches_at(node, x[start:start + step], pads, idx, out_w) for x in (xa, xb))
+        ca, cb = (patches_at(node, x[start:start + step], pads, idx, out_w) for x in (xa, xb))
         accumulate_rows(acc, ca.transpose(0, 1).reshape(ca.shape[1], -1), cb.transpose(0, 1).reshape(cb.shape[1], -1))
-
-
-def _patches_at(node: WeightNode, x: torch.Tensor, pads, idx: torch.Tensor, out_w: int) -> torch.Tensor:
-    """im2col columns at the output positions ``idx`` only: (n, C*kh*kw, len(idx)), ordered as
-    F.unfold orders them, gathered without unfolding the whole map. `pads`: ((top, bottom),
-    (left, right)) zero padding."""
-    (kh, kw), (sh, sw), (dh, dw) = node.kernel, node.stride, node.dilation
-    (pt, pb), (pl, pr) = pads
-    xp = F.pad(x, (pl, pr, pt, pb)) if pt or pb or pl or pr else x
-    oy, ox = idx // out_w, idx % out_w
-    ky = torch.arange(kh, device=x.device).repeat_interleave(kw)
-    kx = torch.arange(kw, device=x.device).repeat(kh)
-    rows = oy[None, :] * sh + ky[:, None] * dh  # (kh*kw, P)
-    cols = ox[None, :] * sw + kx[:, None] * dw
-    patches = xp[:, :, rows, cols]  # (n, C, kh*kw, P)
-    return patches.reshape(x.shape[0], -1, idx.numel())
 
 
 def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis: int, dtype) -> None:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import pleas_fx
 from pleas_fx.passes.moments import SecondMoments
-from pleas_fx.passes.statistics import _patches_at, accumulate_inputs
+from pleas_fx.passes.patch_plan import patches_at
+from pleas_fx.passes.statistics import accumulate_inputs
 from pleas_fx.passes.verify import relative_error
 from tests import nets
 
@@ -32,7 +33,7 @@ def test_gathered_patches_equal_unfold(kh, kw, stride, padding, dilation, h, w, 
     out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
     idx = torch.randperm(full.shape[2], generator=gen)[: max(1, full.shape[2] // 2)]
     pads = ((padding, padding), (padding, padding))
-    assert torch.equal(_patches_at(node, x, pads, idx, out_w), full[:, :, idx])
+    assert torch.equal(patches_at(node, x, pads, idx, out_w), full[:, :, idx])
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -35,18 +35,9 @@ def make_pair(case: str, size: int):
     import torch.nn as nn
 
     if case == "digits":
-        from pleas_fx.apps import demo
+        from bench_merge import digit_resnet20  # tools/ is on sys.path when a tool runs
 
-        def make(seed):
-            torch.manual_seed(seed)
-            layers, cin = [nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()], 32
-            for i, width in enumerate((32, 64, 128)):
-                for j in range(3):
-                    layers.append(demo.BasicBlock(cin, width, stride=2 if i and not j else 1))
-                    cin = width
-            return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
-
-        return make(0), make(1), (1, 1, 28, 28)
+        return digit_resnet20(0), digit_resnet20(1), (1, 1, 28, 28)
     import torchvision
 
     kwargs = {"image_size": 64} if case == "vit_b_16" else {}

@@ -32,6 +32,23 @@ CASES = {  # name -> (images, batch size, image size)
 SWEEP = [1.0, 1.2, 1.5, 2.0]
 
 
+def digit_resnet20(seed: int):
+    """The ResNet-20-style digit classifier of the benchmarks (3 stages of 3 basic blocks,
+    widths 32/64/128, 1-channel 28x28 inputs), random weights from `seed`."""
+    import torch
+    import torch.nn as nn
+
+    from pleas_fx.apps import demo
+
+    torch.manual_seed(seed)
+    layers, cin = [nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()], 32
+    for i, width in enumerate((32, 64, 128)):
+        for j in range(3):
+            layers.append(demo.BasicBlock(cin, width, stride=2 if i and not j else 1))
+            cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+
 def make_pair(case: str):
     """The two models of a case and its calibration batches."""
     import torch
@@ -40,15 +57,7 @@ def make_pair(case: str):
     if case == "digits":
         from pleas_fx.apps import demo
 
-        def make(seed):
-            torch.manual_seed(seed)
-            layers, cin = [nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()], 32
-            for i, width in enumerate((32, 64, 128)):
-                for j in range(3):
-                    layers.append(demo.BasicBlock(cin, width, stride=2 if i and not j else 1))
-                    cin = width
-            return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
-
+        make = digit_resnet20
         x = demo.load_digits_split()["x_train"][:CASES[case][0]]
         data = [x[i:i + CASES[case][1]] for i in range(0, len(x), CASES[case][1])]
     else:
