@@ -31,6 +31,32 @@ from pleas_fx.passes.patch_moments import conv_patch_sums
 from pleas_fx.passes.patch_plan import conv_output_size, patches_at
 
 CHUNK_ROWS = 8192
+# merged-input moments read the leading calibration batches up to this many samples: each depth
+# level re-runs three networks over them, and a few hundred images give every conv layer
+# thousands of rows (the benchmarks calibrate on 500 images)
+MERGED_INPUT_SAMPLES = 512
+
+
+def _samples(batch) -> int:
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        n = _samples(item)
+        if n:
+            return n
+    return 0
+
+
+def leading_batches(batches: Iterable, samples: int = MERGED_INPUT_SAMPLES) -> list:
+    """The first calibration batches holding at least `samples` samples (all when fewer)."""
+    out, seen = [], 0
+    for batch in batches:
+        out.append(batch)
+        seen += _samples(batch)
+        if seen >= samples:
+            break
+    return out
 
 
 def weight_levels(gm: fx.GraphModule, nodes: list[WeightNode]) -> list[list[WeightNode]]:

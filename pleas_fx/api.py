@@ -13,6 +13,7 @@ from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
 from pleas_fx.passes.compact import compact, stored_zeros
 from pleas_fx.passes.fill import MergedInputOptions, fill
+from pleas_fx.passes.merged_inputs import leading_batches
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
@@ -129,7 +130,7 @@ def merge(
             level, to the inputs the merged network itself feeds it (its earlier layers already
             filled), so errors do not compound, and the BatchNorm statistics written with it are
             those of the merged network on the calibration data (passes/merged_inputs.py; one more
-            pass over the calibration data per depth level and budget). "source": the paper's
+            pass over the leading 512 calibration samples per depth level and budget). "source": the paper's
             model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
             for every budget).
         layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
@@ -225,7 +226,7 @@ class _Builder:
             with t("widen"):
                 check_graph(merged, self.traced.example_args)
         with t("fill"):
-            inputs = (MergedInputOptions(self.batches, self.opts.positions, self.opts.seed, self.opts.stats_dtype)
+            inputs = (MergedInputOptions(leading_batches(self.batches), self.opts.positions, self.opts.seed, self.opts.stats_dtype)
                       if self.opts.merged_inputs else None)
             notes = dense_notes + fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
                                        ridge=self.opts.ridge, solve=self.opts.method.solve, merged_inputs=inputs)
