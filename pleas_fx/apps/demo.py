@@ -328,8 +328,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
     print(f"\nThe sweep of {n_merged} budgets took {sweep_seconds:.1f} s: tracing, one statistics pass "
           f"over {args.max_batches} batches of 100 images and matching {shared_seconds:.1f} s once, then the "
           "seconds shown per budget (merged-input least squares: one pass per depth level).")
-    print("Parameters count the merged model's non-zero weights (blocks between features kept "
-          "only for A and only for B are structurally zero and not counted).")
+    print("Parameters are what the merged model stores (sum of p.numel()): block layers keep no "
+          "zero blocks between features kept only for A and only for B.")
     return 0
 
 
