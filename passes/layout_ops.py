@@ -45,7 +45,7 @@ def flatten_layout(layouts: Sequence[Layout], sizes: Sequence[int], is_frozen: I
     segs = layouts[k]
     if before > 1 and len(segs) > 1:
         return None
-    return tuple(Segment(s.group, s.size, s.inner * after, s.outer * before) for s in segs)
+    return tuple(Segment(s.group, s.size, s.inner * after, s.outer * before, s.within) for s in segs)
 
 
 def unflatten_layout(layout: Layout, out_sizes: Sequence[int], is_frozen: IsFrozen,

@@ -22,6 +22,7 @@ from pleas_fx.passes.layernorm import per_model_layernorms
 from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
+from pleas_fx.passes.tied import scale_tied_embeddings
 from pleas_fx.passes.verify import check_graph, structural_parameters, verify_merged
 from pleas_fx.passes.weights import WeightPlan, plan_weights
 from pleas_fx.passes.widen import widen
@@ -215,6 +216,7 @@ class _Builder:
             merged = widen(self.traced.gm_a, spec, w)
             if self.opts.layernorm == "per_model":
                 per_model_layernorms(merged, spec, p)
+            scale_tied_embeddings(merged, spec, p)
         dense_notes = []
         if self.opts.emit == "compact":
             with t("compact"):

@@ -67,8 +67,10 @@ FIXED_BUG_SEEDS = {
     "traced_head_size": [8, 68, 568],  # reshape sizes computed from x.shape (C // heads, C) on widened models
     "shared_scalar": [11],  # PReLU with one slope: now one slope per channel in the merged model
     "tied_weights": [43],  # head tied to the embedding: declared, permuted and filled once, kept tied
-    "spatial_matmul": [179, 634],
-    "groupnorm_one_group": [301, 532, 707, 712, 932],  # GroupNorm(1, C): channels permute freely, no units  # x @ buffer over the width, then convs / pooling: spatial axes frozen
+    "spatial_matmul": [179, 634],  # x @ buffer over the width, then convs / pooling: spatial axes frozen
+    "groupnorm_one_group": [301, 532, 707, 712, 932],  # GroupNorm(1, C): channels permute freely, no units
+    "flatten_keeps_within": [352],
+    "tied_head_budget_two": [214, 493, 623],  # embedding = head: kept-apart features rescaled at the embedding  # GroupNorm(2, C)'s units x entries flattened into a head: entries stay paired
 }
 
 

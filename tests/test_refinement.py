@@ -191,3 +191,16 @@ def test_unknown_frozen_policy_is_refused():
     a = _rolled_mlp(0)
     with pytest.raises(pleas_fx.PleasError, match="frozen must be one of"):
         pleas_fx.merge(a, a, torch.randn(4, 5), 1.0, frozen="drop")
+
+
+def test_flatten_keeps_a_within_group():
+    """Flattening (units x entries, H, W) keeps the within group: the flattened axis is still
+    units x (entries x H*W), so a head reading it moves each unit's entries with the norm's
+    (fuzz seed 352: GroupNorm(2, 4) then a flatten head lost the entries' permutation)."""
+    from pleas_fx.core.ir import Segment
+    from pleas_fx.passes.layout_ops import flatten_layout
+
+    frozen = {1, 2}
+    units = (Segment(0, 2, inner=2, within=5),)
+    out = flatten_layout([units, (Segment(1, 3),), (Segment(2, 3),)], [4, 3, 3], lambda lay: lay[0].group in frozen)
+    assert out == (Segment(0, 2, inner=18, outer=1, within=5),)

@@ -76,8 +76,23 @@ def embedding(ctx, node):
     ids = ctx.layouts(node.args[0])
     ctx.freeze(ids, "network input")
     out = ctx.fresh(m.embedding_dim)
+    if m.max_norm is not None:
+        ctx.freeze([out], ctx.reason("reduction", "embedding max_norm renormalises rows over the features"))
     ctx.param(f"{node.target}.weight", [ctx.fresh(m.num_embeddings, "vocabulary"), out])
     return [*ids, out]
+
+
+def embedding_function(ctx, node):
+    """F.embedding(ids, weight, ...): the table's rows are a frozen vocabulary, its columns the
+    output features. max_norm renormalises each row over its features (a norm over the
+    widened axis): frozen."""
+    ids, w = ctx.layouts(arg(node, 0, "input")), arg(node, 1, "weight")
+    wl = ctx.layouts(w)
+    ctx.freeze(ids, "network input")
+    ctx.freeze([wl[0]], "vocabulary")
+    if arg(node, 3, "max_norm") is not None:
+        ctx.freeze([wl[1]], ctx.reason("reduction", "embedding max_norm renormalises rows over the features"))
+    return [*ids, wl[1]]
 
 
 def embedding_resize(module: nn.Embedding, input_shape) -> None:
@@ -88,3 +103,4 @@ register_op(nn.Linear, spec=OpSpec(infer=linear_module, resize=linear_resize, we
                                    compact=linear_module_compact))
 register_op(F.linear, spec=OpSpec(infer=linear_function, weight=linear_function_weight, compact=linear_function_compact))
 register_op(nn.Embedding, spec=OpSpec(infer=embedding, resize=embedding_resize))
+register_op(F.embedding, spec=OpSpec(infer=embedding_function))
