@@ -19,7 +19,7 @@ from pleas_fx.passes.methods import repair_batchnorm
 from pleas_fx.passes.trace import propagate_shapes, trace_model
 from pleas_fx.passes.verify import relative_error
 from pleas_fx.passes.weights import plan_weights
-from tools.bench_methods import DigitViT
+from tools.digit_models import DigitViT
 
 
 def _merge(a, b, x, budget, data, **kw):

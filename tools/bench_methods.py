@@ -15,9 +15,10 @@ Scenarios (all images 1x14x14, normalised per domain; default: disjoint10, rotat
 - seeds:    same data (all MNIST training digits), different initialisations and batch orders.
             Metric: test accuracy.
 
-Architectures: a ResNet-style CNN (pleas_fx.demo.DigitResNet), a VGG-style CNN (conv-BN-ReLU
+Architectures (tools/digit_models.py): a ResNet-style CNN (pleas_fx.demo.DigitResNet), a VGG-style CNN (conv-BN-ReLU
 stacks, max pooling, flatten, two Linear layers) and a small ViT (2x2 patches, class token,
-two pre-norm blocks with 4-head fused-qkv attention; no BatchNorm, so repair changes nothing).
+two pre-norm blocks with 4-head fused-qkv attention; no BatchNorm, so repair changes nothing);
+`--archs resnext` adds a ResNeXt-style CNN (bottlenecks with 4-group 3x3 convolutions).
 
 Rows (METHOD_KWARGS): pleas (the default: merged-input least squares, per-model LayerNorm),
 pleas_source (the previous default: least_squares="source", layernorm="shared"),
@@ -55,7 +56,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pleas_fx  # noqa: E402
-from pleas_fx.apps.demo import DigitResNet, load_digits_split, recalibrate_bn, train_model  # noqa: E402
+from pleas_fx.apps.demo import load_digits_split, recalibrate_bn, train_model  # noqa: E402
+from tools.digit_models import ARCHS, DigitViT, make_model  # noqa: E402,F401
 
 BUDGETS = (1.0, 1.2, 1.5, 2.0)
 # row -> merge() keywords (data: the calibration batches unless "data" says otherwise)
@@ -78,66 +80,6 @@ DEFAULT_METHODS = ("pleas", "pleas_source", "pleas_source_repair", "pleas_repair
                    "regmean")
 SCENARIOS = ("disjoint10", "rotated", "domains", "disjoint", "seeds")
 DEFAULT_SCENARIOS = ("disjoint10", "rotated", "domains")
-ARCHS = ("resnet", "vgg", "vit")
-
-
-# --------------------------------------------------------------------------- models
-class DigitVGG(nn.Module):
-    """VGG-style CNN for 1x14x14 digits: two conv-BN-ReLU pairs per stage, max pooling, a
-    flattened 3x3 map into a hidden Linear layer, and a Linear head."""
-
-    def __init__(self, width: int = 16, num_classes: int = 10, hidden: int = 64):
-        super().__init__()
-
-        def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.features = nn.Sequential(*block(1, width), *block(width, width), nn.MaxPool2d(2),
-                                      *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2))
-        self.fc1 = nn.Linear(2 * width * 3 * 3, hidden)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        x = torch.flatten(self.features(x), 1)
-        return self.fc(self.relu(self.fc1(x)))
-
-
-class DigitViT(nn.Module):
-    """A small pre-norm ViT for 1x14x14 digits: 2x2 patches (49 tokens) and a class token,
-    `depth` blocks of fused-qkv multi-head self-attention and a GELU MLP, a Linear head."""
-
-    def __init__(self, width: int = 16, num_classes: int = 10, depth: int = 2, heads: int = 4):
-        super().__init__()
-        dim = 2 * width
-        self.heads, self.head_dim = heads, dim // heads
-        self.patch = nn.Conv2d(1, dim, 2, stride=2)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(0.02 * torch.randn(1, 50, dim))
-        self.norms1 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
-        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(depth))
-        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
-        self.norms2 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
-        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-                                  for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        b, n, c = x.shape
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos
-        for norm1, qkv, proj, norm2, mlp in zip(self.norms1, self.qkv, self.proj, self.norms2, self.mlps):
-            q, k, v = qkv(norm1(x)).reshape(b, n + 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            x = x + proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n + 1, c))
-            x = x + mlp(norm2(x))
-        return self.fc(self.norm(x)[:, 0])
-
-
-def make_model(arch: str, classes: int, width: int) -> nn.Module:
-    if arch == "vit":
-        return DigitViT(width, classes)
-    return DigitResNet(width=width, num_classes=classes) if arch == "resnet" else DigitVGG(width, classes)
 
 
 # --------------------------------------------------------------------------- data
@@ -482,7 +424,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, ResNet only, 3 epochs (~3 min)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--archs", nargs="+", default=["resnet", "vgg", "vit"], choices=ARCHS)
     p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), choices=SCENARIOS)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--epochs", type=int, default=4)
