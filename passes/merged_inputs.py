@@ -326,8 +326,8 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             for j, (job, run) in enumerate(zip(jobs, runners)):
                 st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {})
                 for w in level:
-                    sums[j][w.node] = _accumulate(sums[j].get(w.node), w, xm[w.node], job.target(w, ya[w.node], yb[w.node]),
-                                                  positions, gens[j], dtype)
+                    target = job.target(w, ya[w.node], yb[w.node])
+                    sums[j][w.node] = _accumulate(sums[j].get(w.node), w, xm[w.node], target, positions, gens[j], dtype)
             size = _bytes(st)
             if kept + size > cache_bytes:
                 states[i] = [None] * len(st)  # run again from the input at the next level

@@ -130,8 +130,9 @@ def merge(
         least_squares: "merged" (default; beyond the paper): every solved layer is fitted, level by
             level, to the inputs the merged network itself feeds it (its earlier layers already
             filled), so errors do not compound, and the BatchNorm statistics written with it are
-            those of the merged network on the calibration data (passes/merged_inputs.py; one more
-            pass over the leading 512 calibration samples per depth level and budget). "source": the paper's
+            those of the merged network on the calibration data (passes/merged_inputs.py; the
+            leading 512 calibration samples advance level by level through the sources and every
+            budget's merged model in lockstep: about one more forward pass of each). "source": the paper's
             model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
             for every budget).
         layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
@@ -215,7 +216,8 @@ class _Builder:
         """The widened, filled merged model at these widths (eval mode), its notes and plans."""
         return self.models([widths], [t])[0]
 
-    def models(self, all_widths: list[dict[int, int]], timers: list[Timer]) -> list[tuple[fx.GraphModule, list[str], dict]]:
+    def models(self, all_widths: list[dict[int, int]], timers: list[Timer]
+               ) -> list[tuple[fx.GraphModule, list[str], dict]]:
         """`model` for several budgets' widths, filled together: merged-input least squares runs
         every budget's merged model in lockstep (passes/fill.py `fill_models`)."""
         built = [self._emit(widths, t) for widths, t in zip(all_widths, timers)]
