@@ -25,9 +25,8 @@ from pleas_fx.core.fxutil import getattr_path, node_shape, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
 from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
-from pleas_fx.passes.linalg import SOLVES, MergedInputs, safe_inverse, solve_layer, source_targets, zip_tensors
-from pleas_fx.passes.merged_inputs import merged_input_moments, split_moments, weight_levels
-from pleas_fx.passes.moments import SecondMoments
+from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
+from pleas_fx.passes.merged_inputs import Job, refine, weight_levels
 from pleas_fx.passes.statistics import Statistics
 from pleas_fx.passes.weights import WeightPlan
 from pleas_fx.passes.within_axes import realign_b
@@ -98,8 +97,8 @@ class _Filler:
         self.write(norm.bias, a_b + mean / r)
 
     # -- least squares
-    def least_squares(self, w: WeightNode, measured: SecondMoments | None = None) -> None:
-        """Solve one weight node; `measured`: the merged network's own input moments at it
+    def least_squares(self, w: WeightNode, measured=None) -> None:
+        """Solve one weight node; `measured`: the merged network's own input sums at it
         (passes/merged_inputs.py), for merged-input least squares."""
         wa, wb = (t.double().reshape(t.shape[0], -1) for t in self.source(w.weight))
         zeros = torch.zeros(wa.shape[0], dtype=wa.dtype, device=wa.device)
@@ -126,8 +125,8 @@ class _Filler:
                                 self.ridge, "regmean" if method == "regmean" else "least_squares")
         else:
             merged = None
-            if measured is not None and measured.count >= MIN_ROWS_PER_INPUT * (measured.dim_a + 1):
-                merged = MergedInputs(*split_moments(measured))
+            if measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1):
+                merged = measured.mean()
             sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
                               method, merged=merged)
         if sol.fallback:
@@ -142,6 +141,19 @@ class _Filler:
             self.write(w.weight, sol.weight.reshape(shape))
             if w.bias:
                 self.write(w.bias, sol.bias)
+
+    def merged_target(self, w: WeightNode, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The merged target M_out [y_A; y_B] of a weight node from the source layers' outputs
+        (a following normalisation folded in), channels on axis 1 (convolution) or last."""
+        axis = -1 if w.kind == "linear" else 1
+        out_map = self.amap(w.weight, 0)
+        ya, yb = ya.movedim(axis, 0), yb.movedim(axis, 0)
+        if w.norm:
+            (sa, ha), (sb, hb) = self.norm_affine(w.norm)
+            view = (-1,) + (1,) * (ya.dim() - 1)
+            ya = ya * sa.to(ya.dtype).reshape(view) + ha.to(ya.dtype).reshape(view)
+            yb = yb * sb.to(yb.dtype).reshape(view) + hb.to(yb.dtype).reshape(view)
+        return zip_tensors(ya, yb, [out_map], ["out"]).to(ya.dtype).movedim(0, axis)
 
     def input_map(self, w: WeightNode) -> AxisMap:
         """A grouped conv's input channels (im2col order: each channel's taps in a row)."""
@@ -201,51 +213,67 @@ def fill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, spe
 
     `merged_inputs` (solve "least_squares"): after the fill above, re-solve every solved node
     level by level against the inputs the merged network itself feeds it
-    (passes/merged_inputs.py), reading `merged_inputs.batches` once per level."""
+    (passes/merged_inputs.py)."""
+    return fill_models([(merged, spec, plans)], gm_a, gm_b, weights, stats, ridge, solve, merged_inputs)[0]
+
+
+def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPlan]]], gm_a: fx.GraphModule,
+                gm_b: fx.GraphModule, weights: WeightPlan, stats: Statistics | None, ridge: float = 1e-4,
+                solve: str = "least_squares", merged_inputs: MergedInputOptions | None = None,
+                exact: list[bool] | None = None) -> list[list[str]]:
+    """`fill` for several merged models (one per budget) of the same pair: each is filled from the
+    statistics, then merged-input least squares refines all of them in lockstep, one pass of the
+    sources per level for every model. `exact[i]`: model i merges no feature pair and freezes no
+    hidden unit (budget 2), so its layers' inputs are exactly the modelled M_in [x_A; x_B] and
+    it is not refined (the refinement would keep every row of the source-input solution).
+    Returns each model's notes."""
     if solve not in SOLVES:
         raise PleasError(f"solve must be one of {SOLVES}, got {solve!r}")
-    f = _Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve)
+    fillers = [_Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve) for merged, spec, plans in models]
     with torch.no_grad():
-        if solve != "mapped":
-            unfolded = list(weights.norms)
-            for w in weights.nodes:
-                if w.solved and stats is not None and w.node in stats.least_squares:
-                    f.least_squares(w)
-                elif w.kind == "depthwise" and w.weight not in f.done:
-                    f.depthwise(w)
-                elif w.norm is not None:
-                    unfolded.append(w.norm)
-            for norm in unfolded:
-                if norm.running_mean not in f.done:
-                    f.norm(norm)
-        for name in spec.param_layouts:
-            if name in f.done:
-                continue
-            value = getattr_path(gm_a, name)
-            if not torch.is_tensor(value):
-                continue
-            if not value.is_floating_point():  # integer buffers (counters, indices) are A's
-                if tuple(value.shape) == tensor_shape(merged, name):
-                    f.write(name, value.clone())
-                continue
-            f.write(name, f.zip_param(name))
+        for f in fillers:
+            _fill_one(f, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
             # grouped convolutions keep their conv-group-by-conv-group source-input solve
             solved = [w for w in weights.nodes if w.solved and w.node in stats.least_squares and w.kind != "grouped"]
-            merged.eval()
-            for level in weight_levels(merged, solved):
-                moments = merged_input_moments(merged, gm_a, gm_b, merged_inputs.batches, level,
-                                               positions=merged_inputs.positions, seed=merged_inputs.seed,
-                                               dtype=merged_inputs.dtype)
-                for w in level:
-                    if w.node in moments:
-                        f.least_squares(w, moments[w.node])
-    return f.notes
+            jobs = [Job(f.merged, f.merged_target, f.least_squares)
+                    for i, f in enumerate(fillers) if not (exact and exact[i])]
+            if jobs:
+                refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
+                       positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype)
+    return [f.notes for f in fillers]
+
+
+def _fill_one(f: _Filler, weights: WeightPlan, solve: str) -> None:
+    merged, gm_a, spec = f.merged, f.gm_a, f.spec
+    if solve != "mapped":
+        unfolded = list(weights.norms)
+        for w in weights.nodes:
+            if w.solved and f.stats is not None and w.node in f.stats.least_squares:
+                f.least_squares(w)
+            elif w.kind == "depthwise" and w.weight not in f.done:
+                f.depthwise(w)
+            elif w.norm is not None:
+                unfolded.append(w.norm)
+        for norm in unfolded:
+            if norm.running_mean not in f.done:
+                f.norm(norm)
+    for name in spec.param_layouts:
+        if name in f.done:
+            continue
+        value = getattr_path(gm_a, name)
+        if not torch.is_tensor(value):
+            continue
+        if not value.is_floating_point():  # integer buffers (counters, indices) are A's
+            if tuple(value.shape) == tensor_shape(merged, name):
+                f.write(name, value.clone())
+            continue
+        f.write(name, f.zip_param(name))
 
 
 @dataclass
 class MergedInputOptions:
-    """Merged-input least squares: the calibration batches (read once per level), conv
+    """Merged-input least squares: the calibration batches (read at every level), conv
     positions per sample (None: exact), the random seed of drawn positions, the sums' dtype."""
 
     batches: list

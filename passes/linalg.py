@@ -101,12 +101,12 @@ def source_targets(S: torch.Tensor, wa, ba, wb, bb) -> tuple[torch.Tensor, torch
 class MergedInputs:
     """What merged-input least squares reads for one layer, measured on the merged network:
     `gram` = E[x~ x~^T] of its input x~ (bias-augmented, constant last: n_in + 1 square),
-    `cross` = E[s x~^T] with the sources' stacked input s = [x_A; x_B; 1] on the same samples,
-    and `source_gram` = E[s s^T] there."""
+    `target_cross` = E[y~ x~^T] with the layer's merged target y~ = M_out [y_A; y_B] (the source
+    layers' outputs on the same samples; (m_out, n_in + 1)), and `target_sq` = E[y~^2] per row."""
 
     gram: torch.Tensor
-    cross: torch.Tensor
-    source_gram: torch.Tensor
+    target_cross: torch.Tensor
+    target_sq: torch.Tensor
 
 
 KEEP_SOURCE_RESIDUAL = 1e-4  # relative residual below which the source-input solution is kept
@@ -169,7 +169,7 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
         R = (M @ R0.T.contiguous()).T  # E[target x~^T]
         W_ord, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
         if merged is not None:
-            G, W_ord, ok = _merged_solve(merged, sources, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)
+            G, W_ord, ok = _merged_solve(merged, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)
     W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
     W[:, order_t] = W_ord
     mean = W_ord @ G[:, int(torch.nonzero(order_t == n_in)[0])] if has_bias else torch.zeros(W.shape[0], dtype=W.dtype,
@@ -178,21 +178,16 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
     return LayerSolution(W[:, :n_in], W[:, n_in] if has_bias else None, mean, var, fallback=not ok)
 
 
-def _merged_solve(merged: MergedInputs, sources, out_map: AxisMap, order_t, W_src, W0, reg, n_s: int, n_a: int,
+def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, reg, n_s: int, n_a: int,
                   ridge: float):
     """Merged-input least squares: (E[x~ x~^T], W, ok), W solved on the measured inputs. Rows
     that the source-input solution `W_src` already fits on the measured inputs to a relative
     residual below KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones
     (budget 2, a self-merge) up to rounding, which the solve would only amplify."""
-    wa, ba, wb, bb = sources
-    din = wa.shape[1]
-    zeros = torch.zeros_like(wa)
-    T = zip_tensors(torch.cat([wa, zeros, ba[:, None]], 1), torch.cat([zeros, wb, bb[:, None]], 1),
-                    [out_map], ["out"])  # targets as rows over s = [x_A; x_B; 1]
     G = merged.gram[order_t][:, order_t]
-    R = (T @ merged.cross).index_select(1, order_t)  # E[target x~^T]
+    R = merged.target_cross.index_select(1, order_t)  # E[target x~^T]
     W, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
-    t2 = ((T @ merged.source_gram) * T).sum(1)  # E[target^2] per row
+    t2 = merged.target_sq  # E[target^2] per row
     res = ((W_src @ G) * W_src).sum(1) - 2 * (W_src * R).sum(1) + t2
     keep = res <= KEEP_SOURCE_RESIDUAL * t2.clamp_min(1e-30)
     W[keep] = W_src[keep]

@@ -7,34 +7,51 @@ Merged-input least squares (beyond the paper) solves layer l against the input x
 network actually feeds it, once every layer before l is filled; its BatchNorm statistics, derived
 from the same moments, are then exactly what the merged network computes on the calibration data.
 
-The solved layers are grouped into *levels*: a layer's level is the largest number of solved
-layers on a path from the network input to it, so a layer depends only on layers of lower
-levels. Level by level, every calibration batch runs through the merged network and both
-sources up to the level's last layer; for each layer of the level the running sums
-E[x~ x~^T] and E[s x~^T] (s = [x_A; x_B; 1], im2col patches for a convolution, exact by
-passes/patch_moments.py or at `positions` drawn output positions) are accumulated in float64.
-Memory is one level's moments and one batch's activations; time is about (number of levels) x
-(one pass through three networks), for every budget.
+The solved layers are grouped into *levels* (on model A's graph): a layer's level is the largest
+number of solved layers on a path from the network input to it, so a layer depends only on
+layers of lower levels. Level by level, each calibration batch advances both sources and every
+merged model being refined (one per budget: all budgets run in lockstep, the sources once) up
+to the level, and for each layer of the level the running sums of
+
+- E[x~ x~^T] of the merged input alone (im2col patches for a convolution, exact by
+  passes/patch_moments.py with one map, or at `positions` drawn output positions), and
+- E[y~ x~^T], y~ = M_out [y_A; y_B] the layer's merged *target* (the source layers' outputs,
+  a following BatchNorm folded): for a convolution the weight gradient of a convolution with
+  output gradient y~ (one backward convolution, no patches of the sources), and E[y~^2],
+
+are accumulated in float64. This is all the solve reads (passes/linalg.py `MergedInputs`).
+
+Activations between levels: each batch keeps the values still needed after the level (the
+*frontier*) in every network, so the next level runs only the nodes between the two levels
+instead of the whole prefix from the input; batches whose frontiers would exceed `cache_bytes`
+in total are run again from the input. A merged graph in which an in-place op mutates a value
+that another node also reads is run in graph order from the input at every level (no frontier).
 """
 from __future__ import annotations
 
-from typing import Iterable
+import operator
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
+from pleas_fx.core.errors import InternalError
 from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
+from pleas_fx.passes.linalg import MergedInputs
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
 from pleas_fx.passes.patch_plan import conv_output_size, patches_at
 
 CHUNK_ROWS = 8192
-# merged-input moments read the leading calibration batches up to this many samples: each depth
-# level re-runs three networks over them, and a few hundred images give every conv layer
-# thousands of rows (the benchmarks calibrate on 500 images)
+# merged-input moments read the leading calibration batches up to this many samples (a few
+# hundred images give every conv layer thousands of rows; the benchmarks calibrate on 500)
 MERGED_INPUT_SAMPLES = 512
+# activations kept between levels (all networks, all batches); beyond it batches are re-run
+CACHE_BYTES = 2 * 2**30
 
 
 def _samples(batch) -> int:
@@ -76,110 +93,252 @@ def weight_levels(gm: fx.GraphModule, nodes: list[WeightNode]) -> list[list[Weig
     return [levels[k] for k in sorted(levels)]
 
 
-class _Stop(Exception):
-    pass
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
 
 
-class _Capture(fx.Interpreter):
-    """Runs a graph until every node in `wanted` has been reached, keeping the first argument
-    (the input) of each."""
+def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether `n` may write into its first argument in place."""
+    if n.kwargs.get("inplace") is True:
+        return True
+    if n.op == "call_module":
+        return getattr(gm.get_submodule(n.target), "inplace", False) is True
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return n.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")
 
-    def __init__(self, gm: fx.GraphModule, wanted: dict[str, str]):
+
+def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
+    return {n.args[0] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and _mutates(gm, n)}
+
+
+def _unsafe(gm: fx.GraphModule) -> bool:
+    """Whether running nodes out of graph order could change a result: an in-place op writes a
+    value that another node also reads."""
+    return any(len(v.users) > 1 for v in _mutated_values(gm))
+
+
+@dataclass
+class _State:
+    """One batch in one network: the values still needed, the nodes run, their users left."""
+
+    env: dict
+    done: set
+    left: dict
+
+
+class _Runner(fx.Interpreter):
+    """Advances one graph, batch by batch, level by level. `ready[n]`: the first level at which
+    node n may run (every solved layer it depends on final). In `ordered` mode nodes run in graph
+    order from the input at every level (no frontier is kept)."""
+
+    def __init__(self, gm: fx.GraphModule, ready: dict[fx.Node, int], ordered: bool = False):
         super().__init__(gm)
-        self.wanted = wanted  # this graph's node name -> the name to report it under
-        self.seen: dict[str, torch.Tensor] = {}
+        self.ready, self.ordered = ready, ordered
+        self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
+        self.mutated = _mutated_values(gm)
 
-    def run_node(self, n: fx.Node):
-        if n.name in self.wanted:
-            self.seen[self.wanted[n.name]] = self.env[n.args[0]]
-            if len(self.seen) == len(self.wanted):
-                raise _Stop
-        return super().run_node(n)
+    def _fresh(self, args) -> _State:
+        self.args_iter = iter(args)
+        return _State({}, set(), {n: len(n.users) for n in self.nodes})
 
-    def inputs(self, args: tuple) -> dict[str, torch.Tensor]:
-        self.seen = {}
+    def advance(self, state: _State | None, args, level: int, inputs: dict[str, str], outputs: dict[str, str]
+                ) -> tuple[_State | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Run every node ready at `level` (not run yet); returns the new state and the first
+        argument of the nodes in `inputs` / the value of the nodes in `outputs` (graph name ->
+        reported name)."""
+        if state is None or self.ordered:
+            state = self._fresh(args)
+        self.env = state.env
+        got_in, got_out = {}, {}
+        wanted = len(inputs) + len(outputs)
         try:
-            self.run(*args)
-        except _Stop:
-            pass
+            for n in self.nodes:
+                if n in state.done:
+                    continue
+                if self.ordered:
+                    if n.name in inputs:
+                        got_in[inputs[n.name]] = self._keep(n.args[0])
+                        if len(got_in) + len(got_out) == wanted:
+                            break
+                elif self.ready[n] > level:
+                    continue
+                self.env[n] = self.run_node(n)
+                state.done.add(n)
+                if n.name in outputs:
+                    got_out[outputs[n.name]] = self._keep(n)
+                    if self.ordered and len(got_in) + len(got_out) == wanted:
+                        break
+                if not n.users:
+                    del self.env[n]
+                for i in n.all_input_nodes:
+                    state.left[i] -= 1
+                    if state.left[i] == 0:
+                        del self.env[i]
+            if not self.ordered:
+                for name, report in inputs.items():
+                    got_in[report] = self._keep(self.graph_node(name).args[0])
         finally:
             self.env = {}
-        return self.seen
+        if len(got_in) + len(got_out) != wanted:
+            raise InternalError("merged-input least squares", next(iter({**inputs, **outputs})),
+                                "a layer's input or output was not reached at its level")
+        return (None if self.ordered else state), got_in, got_out
+
+    def graph_node(self, name: str) -> fx.Node:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {n.name: n for n in self.nodes}
+        return self._by_name[name]
+
+    def _keep(self, n: fx.Node) -> torch.Tensor:
+        v = self.env[n]
+        return v.clone() if n in self.mutated else v  # a later in-place op would change it
 
 
-def _accumulate(acc: SecondMoments | None, w: WeightNode, xm: torch.Tensor, xa: torch.Tensor, xb: torch.Tensor,
-                positions: int | None, gen: torch.Generator, dtype) -> SecondMoments:
-    """Add one batch: a = x~ (the merged input, `dim_a` entries), b = s = [x_A; x_B] (2 x the
-    source input)."""
+def _ready(gm: fx.GraphModule, level_of: dict[str, int], offset: int) -> dict[fx.Node, int]:
+    """Per node, the first level at which it may run: 1 + (level of the latest solved layer it
+    depends on, itself included) - offset (offset 1 for the sources, whose layers are final)."""
+    renamed = gm.meta.get("block_nodes", {})
+    ready: dict[fx.Node, int] = {}
+    for n in gm.graph.nodes:
+        r = max((ready[i] for i in n.all_input_nodes), default=0)
+        own = level_of.get(renamed.get(n.name, n.name))
+        ready[n] = max(r, own + 1 - offset) if own is not None else r
+    return ready
+
+
+def _bytes(states: list[_State | None]) -> int:
+    seen, total = set(), 0
+    for s in states:
+        for t in tree_leaves(list(s.env.values()) if s is not None else []):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+@dataclass
+class _Sums:
+    """Running sums for one layer of one merged model: x~ (gram), y~ x~^T (cross), y~, y~^2."""
+
+    gram: SecondMoments
+    cross: torch.Tensor
+    sum_y: torch.Tensor
+    sq_y: torch.Tensor
+
+    def mean(self) -> MergedInputs:
+        n = max(self.gram.count, 1)
+        m = self.gram.dim_a
+        cross = torch.cat([self.cross, self.sum_y[:, None]], 1) / n  # E[y~ [x~; 1]^T]
+        return MergedInputs(self.gram.mean()[: m + 1, : m + 1], cross, self.sq_y / n)
+
+
+def _accumulate(acc: _Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, positions: int | None,
+                gen: torch.Generator, dtype) -> _Sums:
+    """Add one batch: xm the merged input, y the merged target (channels on axis 1 for a
+    convolution, last for a linear layer)."""
+    work = torch.promote_types(xm.dtype, torch.float32)
+    xm, y = xm.to(work), y.to(work)
     if w.kind == "linear":
-        fm = xm.reshape(-1, xm.shape[-1])
-        fs = torch.cat([xa, xb], -1).reshape(-1, 2 * xa.shape[-1])
-        if acc is None:
-            acc = SecondMoments.zeros(fm.shape[1], fs.shape[1], dtype, xm.device)
+        fm, fy = xm.reshape(-1, xm.shape[-1]), y.reshape(-1, y.shape[-1])
+    else:
+        if xm.dim() == 3:  # conv1d: a conv2d of height 1
+            xm, y = xm.unsqueeze(2), y.unsqueeze(2)
+        fm = None
+    if acc is None:
+        m = xm.shape[-1] if w.kind == "linear" else xm.shape[1] * w.taps
+        c_out = y.shape[-1] if w.kind == "linear" else y.shape[1]
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=xm.device)
+        acc = _Sums(SecondMoments.zeros(m, 0, dtype, xm.device), z(c_out, m), z(c_out), z(c_out))
+    if fm is not None:
         for start in range(0, fm.shape[0], CHUNK_ROWS):
-            accumulate_rows(acc, fm[start:start + CHUNK_ROWS].T, fs[start:start + CHUNK_ROWS].T)
+            a, b = fm[start:start + CHUNK_ROWS], fy[start:start + CHUNK_ROWS]
+            accumulate_rows(acc.gram, a.T, a.new_zeros(0, a.shape[0]))
+            acc.cross += (b.T @ a).to(dtype)
+            acc.sum_y += b.sum(0).to(dtype)
+            acc.sq_y += (b * b).sum(0).to(dtype)
         return acc
-    if xm.dim() == 3:  # conv1d: a conv2d of height 1
-        xm, xa, xb = xm.unsqueeze(2), xa.unsqueeze(2), xb.unsqueeze(2)
-    xs = torch.cat([xa, xb], 1)
     pads = tuple(p if isinstance(p, tuple) else (p, p) for p in w.padding)
     out_h, out_w = (conv_output_size(xm.shape[2 + i], w.kernel[i], w.stride[i], *pads[i], w.dilation[i])
                     for i in range(2))
-    taps, cm, cs = w.taps, xm.shape[1], xs.shape[1]
-    if acc is None:
-        acc = SecondMoments.zeros(cm * taps, cs * taps, dtype, xm.device)
     if positions is None or positions >= out_h * out_w:
-        # one shape for both maps: the merged map padded with zero channels to the sources' 2C
-        # (m <= 2C), so the exact patch-moment routine applies; the zero rows are dropped
-        padded = F.pad(xm, (0, 0, 0, 0, 0, cs - cm)) if cs > cm else xm
-        part = conv_patch_sums(padded, xs, w.kernel, w.stride, pads, w.dilation, out_dtype=dtype)
-        k = cm * taps
-        acc.aa += part.aa[:k, :k]
-        acc.ab += part.ab[:k]
-        acc.bb += part.bb
-        acc.sum_a += part.sum_a[:k]
-        acc.sum_b += part.sum_b
-        acc.count += part.count
+        acc.sum_y += y.sum((0, 2, 3)).to(dtype)
+        acc.sq_y += (y * y).sum((0, 2, 3)).to(dtype)
+        conv_patch_sums(xm, None, w.kernel, w.stride, pads, w.dilation, out=acc.gram)
+        (pt, pb), (pl, pr) = pads
+        xp = F.pad(xm, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xm
+        grad = torch.nn.grad.conv2d_weight(xp, (y.shape[1], xm.shape[1], *w.kernel), y, w.stride,
+                                           (pt, pl) if (pt, pl) == (pb, pr) else 0, w.dilation)
+        acc.cross += grad.reshape(grad.shape[0], -1).to(dtype)  # F.unfold's order: channel, then taps
         return acc
     step = max(1, CHUNK_ROWS // positions)
     for start in range(0, xm.shape[0], step):
         idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xm.device)
-        pm, ps = (patches_at(w, x[start:start + step], pads, idx, out_w) for x in (xm, xs))
-        accumulate_rows(acc, pm.transpose(0, 1).reshape(pm.shape[1], -1), ps.transpose(0, 1).reshape(ps.shape[1], -1))
+        pm = patches_at(w, xm[start:start + step], pads, idx, out_w)  # (n, D, P)
+        py = y[start:start + step].flatten(2)[:, :, idx]  # (n, c_out, P)
+        a, b = pm.transpose(0, 1).reshape(pm.shape[1], -1), py.transpose(0, 1).reshape(py.shape[1], -1)
+        accumulate_rows(acc.gram, a, a.new_zeros(0, a.shape[1]))
+        acc.cross += (b @ a.T).to(dtype)
+        acc.sum_y += b.sum(1).to(dtype)
+        acc.sq_y += (b * b).sum(1).to(dtype)
     return acc
 
 
-def split_moments(acc: SecondMoments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(E[x~ x~^T], E[s x~^T], E[s s^T]) from the running sums, bias-augmented (constant last):
-    (m + 1) square, (2 din + 1, m + 1) and (2 din + 1) square."""
-    full = acc.mean()
-    m = acc.dim_a
-    rows_m = torch.cat([torch.arange(m), torch.tensor([full.shape[0] - 1])]).to(full.device)
-    rows_s = torch.arange(m, full.shape[0], device=full.device)
-    return full[rows_m][:, rows_m], full[rows_s][:, rows_m], full[rows_s][:, rows_s]
+@dataclass
+class Job:
+    """One merged model to refine: `target(w, y_a, y_b)` maps the source layers' outputs to the
+    merged target y~; `solve(w, moments)` re-solves layer w on its measured inputs."""
+
+    merged: fx.GraphModule
+    target: Callable[[WeightNode, torch.Tensor, torch.Tensor], torch.Tensor]
+    solve: Callable[[WeightNode, MergedInputs], None]
 
 
 @torch.no_grad()
-def merged_input_moments(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule,
-                         batches: Iterable[tuple], level: list[WeightNode], *, positions: int | None = None,
-                         seed: int = 0, dtype: torch.dtype = torch.float64) -> dict[str, SecondMoments]:
-    """Running sums of [x~; s] for every node of one level over `batches` (this rank's share
-    under torch.distributed, then all-reduced): per node, a = x~ the merged network's input,
-    b = s = [x_A; x_B] the sources'."""
-    wanted = {w.node: w.node for w in level}
-    renamed = {old: new for new, old in merged.meta.get("block_nodes", {}).items()}
+def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: list[list[WeightNode]],
+           batches: list, *, positions: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float64,
+           cache_bytes: int | None = None) -> None:
+    """Merged-input least squares for every job, level by level (`levels`: weight_levels of model
+    A's graph), all jobs in lockstep over `batches` (this rank's share under torch.distributed,
+    the sums all-reduced). `cache_bytes`: the frontier budget (None: CACHE_BYTES)."""
+    cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
+    level_of = {w.node: k for k, level in enumerate(levels) for w in level}
     b_names = {na.name: nb.name for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}  # same architecture
-    runs = [_Capture(merged, {renamed.get(n, n): n for n in wanted}), _Capture(gm_a, wanted),
-            _Capture(gm_b, {b_names[n]: n for n in wanted})]
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, SecondMoments] = {}
-    for args in sharded(batches):
-        xm, xa, xb = (r.inputs(args) for r in runs)
-        for w in level:
-            out[w.node] = _accumulate(out.get(w.node), w, xm[w.node], xa[w.node], xb[w.node], positions, gen, dtype)
-    if world()[1] > 1:
-        moments = [out[w.node] for w in level if w.node in out]
-        tensors = [t for m in moments for t in (m.aa, m.ab, m.bb, m.sum_a, m.sum_b)]
-        for m, c in zip(moments, all_reduce_sums(tensors, [m.count for m in moments])):
-            m.count = c
-    return out
+    sources = [_Runner(gm, _ready(gm, {b_names.get(n, n) if gm is gm_b else n: k for n, k in level_of.items()}, 1),
+                       ordered=_unsafe(gm)) for gm in (gm_a, gm_b)]
+    for job in jobs:
+        job.merged.eval()
+    runners = [_Runner(gm, ready, ordered=_unsafe(gm)) for gm, ready in
+               [(job.merged, _ready(job.merged, level_of, 0)) for job in jobs]]
+    renamed = [{old: new for new, old in job.merged.meta.get("block_nodes", {}).items()} for job in jobs]
+    mine = list(sharded(batches))
+    states: list[list[_State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
+    gens = [torch.Generator().manual_seed(seed) for _ in jobs]
+    for k, level in enumerate(levels):
+        names = {w.node: w.node for w in level}
+        sums: list[dict[str, _Sums]] = [{} for _ in jobs]
+        kept = 0
+        for i, args in enumerate(mine):
+            st = states[i]
+            st[0], _, ya = sources[0].advance(st[0], args, k, {}, names)
+            st[1], _, yb = sources[1].advance(st[1], args, k, {}, {b_names[n]: n for n in names})
+            for j, (job, run) in enumerate(zip(jobs, runners)):
+                st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {})
+                for w in level:
+                    target = job.target(w, ya[w.node], yb[w.node])
+                    sums[j][w.node] = _accumulate(sums[j].get(w.node), w, xm[w.node], target, positions, gens[j], dtype)
+            size = _bytes(st)
+            if kept + size > cache_bytes:
+                states[i] = [None] * len(st)  # run again from the input at the next level
+            else:
+                kept += size
+        if world()[1] > 1:
+            flat = [s for per_job in sums for s in (per_job[w.node] for w in level)]
+            tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
+            for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
+                s.gram.count = c
+        for job, per_job in zip(jobs, sums):
+            for w in level:
+                if w.node in per_job:
+                    job.solve(w, per_job[w.node])

@@ -90,7 +90,7 @@ def _swap_inner(m: torch.Tensor, c: int, taps: int, to_blocks: bool, block_bytes
     """Reorder a (C*K, C*K) matrix in place between F.unfold's order (c1, t1, c2, t2) and the
     accumulation order (c1, t1, t2, c2): each row's (C, K) part is transposed, a few rows at a
     time through a small copy."""
-    if taps == 1 or c == 1:
+    if taps == 1 or c == 1 or m.numel() == 0:
         return
     rows = m.view(c * taps, c * taps)
     step = max(1, block_bytes // (rows.shape[1] * m.element_size()))
@@ -105,13 +105,15 @@ def _swap_inner(m: torch.Tensor, c: int, taps: int, to_blocks: bool, block_bytes
 
 def _correlation(out: SecondMoments, xa: torch.Tensor, xb: torch.Tensor, kernel, stride, ay: Axis, ax: Axis,
                  chunk_bytes: int) -> None:
-    """Add the sums into ``out``, whose aa, ab, bb are in the order (c1, t1, t2, c2)."""
+    """Add the sums into ``out``, whose aa, ab, bb are in the order (c1, t1, t2, c2). ``xb``
+    None: one map, only aa and sum_a."""
     n_total, c, h, w = xa.shape
-    kw, taps, c2, device = kernel[1], kernel[0] * kernel[1], 2 * c, xa.device
-    work = torch.promote_types(torch.promote_types(xa.dtype, xb.dtype), torch.float32)
+    two = xb is not None
+    kw, taps, c2, device = kernel[1], kernel[0] * kernel[1], (2 if two else 1) * c, xa.device
+    work = torch.promote_types(torch.promote_types(xa.dtype, xb.dtype if two else xa.dtype), torch.float32)
     item = torch.empty((), dtype=work).element_size()
     acc_dtype = out.aa.dtype
-    blocks = [m.view(c, taps, taps, c) for m in (out.aa, out.ab, out.bb)]
+    blocks = [m.view(c, taps, taps, c) for m in ((out.aa, out.ab, out.bb) if two else (out.aa,))]
 
     plan = []  # 2-D combos to compute: one of each mirrored couple
     for ky, cy in ay.combos.items():
@@ -126,15 +128,18 @@ def _correlation(out: SecondMoments, xa: torch.Tensor, xb: torch.Tensor, kernel,
     step = max(1, chunk_bytes // per_sample)
     sy, sx = stride
     for n0 in range(0, n_total, step):
-        ca, cb = xa[n0:n0 + step], xb[n0:n0 + step]
+        ca = xa[n0:n0 + step]
+        cb = xb[n0:n0 + step] if two else None
         maps = {}
         for ry, rx in phases:  # channels-last phase maps (rows, cols, n, 2C), both models stacked
             z = torch.empty(ay.lengths[ry], ax.lengths[rx], ca.shape[0], c2, dtype=work, device=device)
             z[..., :c].copy_(ca[:, :, ry::sy, rx::sx].permute(2, 3, 0, 1))
-            z[..., c:].copy_(cb[:, :, ry::sy, rx::sx].permute(2, 3, 0, 1))
+            if two:
+                z[..., c:].copy_(cb[:, :, ry::sy, rx::sx].permute(2, 3, 0, 1))
             maps[ry, rx] = z
         map_sum[:c] += ca.sum(0, dtype=work).to(acc_dtype)
-        map_sum[c:] += cb.sum(0, dtype=work).to(acc_dtype)
+        if two:
+            map_sum[c:] += cb.sum(0, dtype=work).to(acc_dtype)
         for ky, segs_y, pairs_y, kx, segs_x, pairs_x, sym in plan:
             za, zb = maps[ky[0], kx[0]], maps[ky[1], kx[1]]
             dy, dx = ky[2], kx[2]
@@ -150,51 +155,58 @@ def _correlation(out: SecondMoments, xa: torch.Tensor, xb: torch.Tensor, kernel,
                             g += cell
                     t1, t2 = i1y * kw + i1x, i2y * kw + i2x
                     blocks[0][:, t1, t2] += g[:c, :c]
-                    blocks[1][:, t1, t2] += g[:c, c:]
-                    blocks[2][:, t1, t2] += g[c:, c:]
                     if not sym:  # the reversed pair (t2, t1): the transposed block
                         blocks[0][:, t2, t1] += g[:c, :c].T
-                        blocks[1][:, t2, t1] += g[c:, :c].T
-                        blocks[2][:, t2, t1] += g[c:, c:].T
+                    if two:
+                        blocks[1][:, t1, t2] += g[:c, c:]
+                        blocks[2][:, t1, t2] += g[c:, c:]
+                        if not sym:
+                            blocks[1][:, t2, t1] += g[c:, :c].T
+                            blocks[2][:, t2, t1] += g[c:, c:].T
         del maps
 
-    sums = out.sum_a.view(c, taps), out.sum_b.view(c, taps)
+    sums = out.sum_a.view(c, taps), out.sum_b.view(-1, taps)
     for iy, (ry, y0, y1) in enumerate(ay.taps):
         for ix, (rx, x0, x1) in enumerate(ax.taps):
             if y0 < y1 and x0 < x1:  # the tap's window, on its phase map
                 s = map_sum[:, ry::sy, rx::sx][:, y0:y1, x0:x1].sum((1, 2))
                 sums[0][:, iy * kw + ix] += s[:c]
-                sums[1][:, iy * kw + ix] += s[c:]
+                if two:
+                    sums[1][:, iy * kw + ix] += s[c:]
 
 
 def _unfold(out: SecondMoments, xa: torch.Tensor, xb: torch.Tensor, kernel, stride, pads, dilation,
             length: int, chunk_bytes: int) -> None:
     """Add the sums into ``out`` (F.unfold's order) by unfolding a chunk of samples at a time."""
-    work = torch.promote_types(torch.promote_types(xa.dtype, xb.dtype), torch.float32)
+    work = torch.promote_types(torch.promote_types(xa.dtype, (xb if xb is not None else xa).dtype), torch.float32)
     dim = out.aa.shape[0]
     (pt, pb), (pl, pr) = pads
     symmetric = pt == pb and pl == pr
     step = max(1, chunk_bytes // (2 * dim * length * torch.empty((), dtype=work).element_size()))
     for n0 in range(0, xa.shape[0], step):
-        ca, cb = xa[n0:n0 + step].to(work), xb[n0:n0 + step].to(work)
+        ca = xa[n0:n0 + step].to(work)
+        cb = xb[n0:n0 + step].to(work) if xb is not None else None
         if not symmetric:
-            ca, cb = F.pad(ca, (pl, pr, pt, pb)), F.pad(cb, (pl, pr, pt, pb))
+            ca = F.pad(ca, (pl, pr, pt, pb))
+            cb = F.pad(cb, (pl, pr, pt, pb)) if cb is not None else None
         unfold = lambda x: F.unfold(x, kernel, dilation=dilation, padding=(pt, pl) if symmetric else 0,
                                     stride=stride).transpose(0, 1).reshape(dim, -1)
         count = out.count
-        accumulate_rows(out, unfold(ca), unfold(cb))  # (D, rows) each
+        pa = unfold(ca)  # (D, rows) each
+        accumulate_rows(out, pa, unfold(cb) if cb is not None else pa.new_zeros(0, pa.shape[1]))
         out.count = count  # conv_patch_sums counts the positions once, whatever the method
 
 
 @torch.no_grad()
-def conv_patch_sums(xa: torch.Tensor, xb: torch.Tensor, kernel, stride=1, padding=0, dilation=1, *,
+def conv_patch_sums(xa: torch.Tensor, xb: torch.Tensor | None, kernel, stride=1, padding=0, dilation=1, *,
                     out: SecondMoments | None = None, out_dtype: torch.dtype = torch.float64,
                     method: str = "auto", chunk_bytes: int = CHUNK_BYTES) -> SecondMoments:
     """Second moments of the im2col patches of ``xa`` and ``xb`` (see the module docstring).
 
     Args:
         xa, xb: feature maps of one shape (N, C, H, W), on any device; a 1-D convolution's input
-            is passed as (N, C, 1, W) with kernel (1, k).
+            is passed as (N, C, 1, W) with kernel (1, k). ``xb`` None: one map's patch moments
+            only (aa and sum_a; the sums' b part has 0 entries), at about a quarter of the cost.
         kernel, stride, dilation: int or (h, w) pair, as for ``F.unfold``.
         padding: zero padding: int or (h, w) pair (both sides), ((top, bottom), (left, right)),
             or ``"valid"`` / ``"same"`` (torch's convention: an odd total puts the extra
@@ -210,17 +222,19 @@ def conv_patch_sums(xa: torch.Tensor, xb: torch.Tensor, kernel, stride=1, paddin
 
     Returns the sums (``out`` if given), on the inputs' device.
     """
-    if xa.shape != xb.shape or xa.dim() != 4:
-        raise ValueError(f"expected two (N, C, H, W) maps of one shape, got {tuple(xa.shape)}, {tuple(xb.shape)}")
+    if xa.dim() != 4 or (xb is not None and xa.shape != xb.shape):
+        raise ValueError(f"expected two (N, C, H, W) maps of one shape, got {tuple(xa.shape)}, "
+                         f"{None if xb is None else tuple(xb.shape)}")
     kernel, stride, pads, dilation, ay, ax = geometry(xa.shape, kernel, stride, padding, dilation)
     dim, taps = xa.shape[1] * kernel[0] * kernel[1], kernel[0] * kernel[1]
     fresh = out is None
+    dim_b = dim if xb is not None else 0
     if fresh:
-        out = SecondMoments.zeros(dim, dim, out_dtype, xa.device)
-    elif out.aa.shape != (dim, dim):
+        out = SecondMoments.zeros(dim, dim_b, out_dtype, xa.device)
+    elif out.aa.shape != (dim, dim) or out.dim_b != dim_b:
         raise ValueError(f"out has dimension {out.aa.shape[0]}, patches have {dim}")
     if method == "auto":
-        work = torch.promote_types(torch.promote_types(xa.dtype, xb.dtype), torch.float32)
+        work = torch.promote_types(torch.promote_types(xa.dtype, (xb if xb is not None else xa).dtype), torch.float32)
         cost = estimate_seconds(xa.shape, kernel, stride, pads, dilation, device=xa.device, chunk_bytes=chunk_bytes,
                                 itemsize=torch.empty((), dtype=work).element_size())
         method = min(cost, key=cost.get)

@@ -84,9 +84,22 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
 
 
 def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis: int, dtype) -> None:
-    """Add E[z_A z_B^T] and the squares, every axis but ``axis`` taken as samples."""
+    """Add E[z_A z_B^T] and the squares, every axis but ``axis`` taken as samples. The leading
+    axes before ``axis`` are a batch of products (bmm over views, no copy of the activations)."""
     work = torch.promote_types(torch.promote_types(za.dtype, zb.dtype), torch.float32)
+    axis = axis % za.dim()
     d = za.shape[axis]
+    if acc.aa is None and axis < za.dim() - 1 and za.dtype == work and zb.dtype == work:
+        # (lead, d, rest) views: one bmm per chunk of leading rows, products summed over them
+        a, b = za.reshape(-1, d, za[(0,) * axis].numel() // d), zb.reshape(-1, d, zb[(0,) * axis].numel() // d)
+        step = max(1, GRAM_CHUNK_ROWS // max(a.shape[2], 1))
+        for start in range(0, a.shape[0], step):
+            ca, cb = a[start:start + step], b[start:start + step]
+            acc.cross += torch.bmm(ca, cb.transpose(1, 2)).sum(0).to(dtype)
+            acc.sq_a += (ca * ca).sum((0, 2)).to(dtype)
+            acc.sq_b += (cb * cb).sum((0, 2)).to(dtype)
+        acc.count += a.shape[0] * a.shape[2]
+        return
     a = za.movedim(axis, 0).reshape(d, -1).to(work)  # (features, samples); one copy at most
     b = zb.movedim(axis, 0).reshape(d, -1).to(work)
     for start in range(0, a.shape[1], GRAM_CHUNK_ROWS):

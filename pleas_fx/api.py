@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from pleas_fx.options import MergeOptions
 from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
 from pleas_fx.passes.compact import compact, stored_zeros
-from pleas_fx.passes.fill import MergedInputOptions, fill
+from pleas_fx.passes.fill import MergedInputOptions, fill_models
 from pleas_fx.passes.merged_inputs import leading_batches
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
@@ -130,8 +131,9 @@ def merge(
         least_squares: "merged" (default; beyond the paper): every solved layer is fitted, level by
             level, to the inputs the merged network itself feeds it (its earlier layers already
             filled), so errors do not compound, and the BatchNorm statistics written with it are
-            those of the merged network on the calibration data (passes/merged_inputs.py; one more
-            pass over the leading 512 calibration samples per depth level and budget). "source": the paper's
+            those of the merged network on the calibration data (passes/merged_inputs.py; the
+            leading 512 calibration samples advance level by level through the sources and every
+            budget's merged model in lockstep: about one more forward pass of each). "source": the paper's
             model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
             for every budget).
         layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
@@ -183,13 +185,18 @@ def merge(
     build = _Builder(traced, spec, head, weights, stats, match, opts, data_in.batches, frozen, dropped)
     allocator = WidthAllocator(spec, match.pair_cost, build.footprint, traced.gm_a, opts.allocation,
                                lambda widths: build.model(widths, Timer())[0])
-    results = []
+    all_widths, timers, allocations = [], [], []
     for b in opts.budgets:
         t = Timer(timer)
         with t("allocate"):
-            widths = allocator.widths(b)
-        merged = build.budget(b, widths, t)
-        merged.meta["pleas_fx"]["allocation"] = allocator.report()
+            all_widths.append(allocator.widths(b))
+        allocations.append(allocator.report())
+        timers.append(t)
+    built = build.models(all_widths, timers)  # every budget filled together (one lockstep refinement)
+    results = []
+    for b, widths, t, one, allocation in zip(opts.budgets, all_widths, timers, built, allocations):
+        merged = build.budget(b, widths, t, one)
+        merged.meta["pleas_fx"]["allocation"] = allocation
         results.append(merged)
     return results if opts.many else results[0]
 
@@ -208,6 +215,34 @@ class _Builder:
 
     def model(self, widths: dict[int, int], t: Timer) -> tuple[fx.GraphModule, list[str], dict]:
         """The widened, filled merged model at these widths (eval mode), its notes and plans."""
+        return self.models([widths], [t])[0]
+
+    def models(self, all_widths: list[dict[int, int]], timers: list[Timer]
+               ) -> list[tuple[fx.GraphModule, list[str], dict]]:
+        """`model` for several budgets' widths, filled together: merged-input least squares runs
+        every budget's merged model in lockstep (passes/fill.py `fill_models`)."""
+        built = [self._emit(widths, t) for widths, t in zip(all_widths, timers)]
+        start = time.perf_counter()
+        inputs = (MergedInputOptions(leading_batches(self.batches), self.opts.positions, self.opts.seed,
+                                     self.opts.stats_dtype) if self.opts.merged_inputs else None)
+        notes = fill_models([(merged, spec, p) for merged, spec, p, _, _ in built], self.traced.gm_a, self.traced.gm_b,
+                            self.weights, self.stats, ridge=self.opts.ridge, solve=self.opts.method.solve,
+                            merged_inputs=inputs, exact=[self._exact(plans) for _, _, _, plans, _ in built])
+        seconds = time.perf_counter() - start
+        out = []
+        for (merged, _, _, plans, dense_notes), more, t in zip(built, notes, timers):
+            t["fill"] = t.get("fill", 0.0) + seconds  # shared by the budgets filled together
+            if self.head is not None:
+                self.head.split_output(merged)
+            out.append((merged.eval(), dense_notes + more, plans))
+        return out
+
+    def _exact(self, plans: dict) -> bool:
+        """No feature pair merged and no hidden unit frozen: the merged network is the ensemble."""
+        return not self.frozen.frozen_units and all(plans[g.id].merged_pairs == 0 for g in self.spec.mergeable())
+
+    def _emit(self, widths: dict[int, int], t: Timer):
+        """The widened (and compact) merged graph of one budget, before its weights are filled."""
         plans = methods.plans_for(self.spec, self.match, widths, self.opts.frozen)
         spec, w, p = self.spec, widths, plans
         if self.head is not None:
@@ -227,17 +262,10 @@ class _Builder:
         if self.opts.merged_inputs:  # fill runs the emitted graph: a graph that cannot run is a bug of ours
             with t("widen"):
                 check_graph(merged, self.traced.example_args)
-        with t("fill"):
-            inputs = (MergedInputOptions(leading_batches(self.batches), self.opts.positions, self.opts.seed, self.opts.stats_dtype)
-                      if self.opts.merged_inputs else None)
-            notes = dense_notes + fill(merged, self.traced.gm_a, self.traced.gm_b, spec, p, self.weights, self.stats,
-                                       ridge=self.opts.ridge, solve=self.opts.method.solve, merged_inputs=inputs)
-        if self.head is not None:
-            self.head.split_output(merged)
-        return merged.eval(), notes, plans
+        return merged, spec, p, plans, dense_notes
 
-    def budget(self, budget: float, widths: dict[int, int], t: Timer) -> fx.GraphModule:
-        merged, notes, plans = self.model(widths, t)
+    def budget(self, budget: float, widths: dict[int, int], t: Timer, built=None) -> fx.GraphModule:
+        merged, notes, plans = built if built is not None else self.model(widths, t)
         opts = self.opts
         if opts.repair:
             with t("repair"):

@@ -160,3 +160,19 @@ def test_inputs_that_require_grad():
     xa, xb = maps((2, 3, 6, 6), 8)
     got = conv_patch_sums(xa.requires_grad_(), xb.requires_grad_(), 3, 1, 1)
     assert not got.aa.requires_grad and not got.sum_b.requires_grad
+
+
+@pytest.mark.parametrize("method", ["correlation", "unfold"])
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (5, 1, 2, 2), (7, 2, 3, 1)])
+def test_one_map_gives_its_own_patch_moments(geometry, method):
+    """xb=None: the patch Gram and sums of one map (the merged-input moments), no b part."""
+    xa, xb = maps((3, 5, 13, 11), seed=7)
+    got = conv_patch_sums(xa, None, *geometry, method=method)
+    want = unfold_sums(xa, xb, *geometry)
+    assert got.dim_b == 0 and got.ab.shape == (want.aa.shape[0], 0) and got.count == want.count
+    for name in ("aa", "sum_a"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert ((g - w).abs().max() / w.abs().max()).item() < 1e-12, name
+    acc = conv_patch_sums(xa[:1], None, *geometry, method=method)  # accumulating into running sums
+    conv_patch_sums(xa[1:], None, *geometry, out=acc, method=method)
+    assert ((acc.aa - want.aa).abs().max() / want.aa.abs().max()).item() < 1e-12

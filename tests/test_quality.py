@@ -178,3 +178,38 @@ def test_per_model_rmsnorm_and_functional_norms_make_budget_two_the_ensemble():
     merged = _merge(a, b, x, 2.0, data)
     assert relative_error(nets.run(merged, x), expected) < 1e-4
     assert relative_error(nets.run(_merge(a, b, x, 2.0, data, layernorm="shared"), x), expected) > 1e-3
+
+
+def test_budgets_filled_in_lockstep_equal_separate_merges(digit_pair, monkeypatch):
+    """A budget list refines every budget's merged model in one lockstep pass per level; each
+    equals the model of a merge at that budget alone, and keeping activations between levels
+    (the frontier) changes nothing against re-running every level from the input."""
+    from pleas_fx.passes import merged_inputs
+
+    (a, b), calib, test = digit_pair
+    x, xt = calib[0][0][:4], test[0][:200]
+    together = _merge(a, b, x, [1.0, 1.5], calib)
+    monkeypatch.setattr(merged_inputs, "CACHE_BYTES", 0)
+    for budget, merged in zip([1.0, 1.5], together):
+        alone = _merge(a, b, x, budget, calib)
+        with torch.no_grad():
+            want, got = alone(xt), merged(xt)
+        assert relative_error(got, want) < 1e-6, budget
+
+
+def test_in_place_ops_on_shared_values_run_in_graph_order():
+    """A merged graph where an in-place op writes a value another node reads is never run out of
+    order (merged_inputs._unsafe); a plain ResNet block with in-place ReLUs after BatchNorm is."""
+    from pleas_fx.passes.merged_inputs import _unsafe
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.relu = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.c1(x)
+            return self.c2(self.relu(x)) + y
+
+    assert _unsafe(trace_model(Shared(), "model"))
+    assert not _unsafe(trace_model(DigitResNet(width=4), "model"))
