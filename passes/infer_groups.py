@@ -98,7 +98,27 @@ def infer_groups(gm: fx.GraphModule) -> GroupSpec:
     for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name not in ctx.param_layouts:
             ctx.param(name, [ctx.fresh(n, FreezeReason("unused")) for n in tensor.shape])
+    _freeze_constant_inputs(ctx, gm)
     return _collect(ctx, gm, frozen_reasons)
+
+
+def _freeze_constant_inputs(ctx: InferenceContext, gm: fx.GraphModule) -> None:
+    """A buffer axis that no computed tensor carries is a constant input contracted straight into
+    a weight (Swin v2's relative coordinates fed to its position-bias MLP): no activation measures
+    it and every model holds the same constant, so it is frozen (structural), like a network input."""
+    computed = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "output"):
+            for lays in tensor_layouts(ctx.values.get(node.name)):
+                computed.update(ctx.uf.find(seg.group) for lay in lays for seg in lay)
+    for name, tensor in gm.named_buffers():
+        if not tensor.is_floating_point() or ctx.canonical(name) not in ctx.param_layouts:
+            continue
+        for lay in ctx.param_layouts[ctx.canonical(name)]:
+            for seg in lay:
+                root = ctx.uf.find(seg.group)
+                if root not in computed and not ctx.uf.frozen[root]:
+                    ctx.uf.freeze(root, FreezeReason("constant", "a buffer axis no computed tensor carries", name))
 
 
 def _resolve(ctx: InferenceContext, layout: Layout) -> Layout:

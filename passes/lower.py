@@ -180,7 +180,10 @@ def split_fused_qkv(gm: fx.GraphModule) -> fx.GraphModule:
         qkv, (b, t, _, heads, head_dim) = node.args[0], sizes
         graph = gm.graph
         with graph.inserting_before(pieces[0]):
-            split = graph.call_method("split", (qkv, [heads * head_dim] * 3, -1))
+            if heads > 0 and head_dim > 0:
+                split = graph.call_method("split", (qkv, [heads * head_dim] * 3, -1))
+            else:  # reshape(B, T, 3, heads, -1) (timm's Swin): three equal pieces
+                split = graph.call_method("chunk", (qkv, 3, -1))
             heads_of = [_to_heads(graph, graph.call_function(operator.getitem, (split, i)), b, t, heads, head_dim, True)
                         for i in range(3)]
         for piece in pieces:

@@ -18,6 +18,7 @@ from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceErro
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
+from pleas_fx.passes.lower_windows import lower_swin
 from pleas_fx.passes.ops import module_spec
 
 
@@ -74,7 +75,7 @@ def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
     """A traced, eval-mode deep copy of `model` (traced in eval mode: code that branches on
     `self.training` takes its inference path), with opaque attention modules lowered to
-    primitive ops (passes/lower.py)."""
+    primitive ops (passes/lower.py) and torchvision's Swin functions too (passes/lower_windows.py)."""
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
     else:
@@ -88,7 +89,7 @@ def trace_model(model: torch.nn.Module, label: str) -> fx.GraphModule:
                 f"{type(exc).__name__}: {exc}. Data-dependent Python control flow is the usual "
                 "cause; make that code a leaf module or rewrite it without branching on tensors."
             ) from exc
-    return split_fused_qkv(lower_multihead_attention(gm)).eval()
+    return lower_swin(split_fused_qkv(lower_multihead_attention(gm))).eval()
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:

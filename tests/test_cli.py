@@ -30,13 +30,13 @@ FACTORY = textwrap.dedent("""
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
-    class Roll(nn.Module):
+    class Flip(nn.Module):
         def forward(self, x):
-            return torch.roll(x, 1, dims=1)
+            return torch.flip(x, dims=(1,))
 
     def make_rolled(num_classes=3, width=8):
         m = make(num_classes, width)
-        return nn.Sequential(*m[:3], Roll(), *m[3:])
+        return nn.Sequential(*m[:3], Flip(), *m[3:])
 """)
 
 
@@ -290,7 +290,7 @@ def test_frozen_units_are_reported_in_one_line(files, tmp_path, capsys):
     status, out, err = _run(argv, capsys)
     assert status == 0, err
     lines = [line for line in out.splitlines() if "frozen:" in line]
-    assert len(lines) == 1 and "16 of 32 hidden units (50.0%)" in lines[0] and "no handler for function torch.roll" in lines[0]
+    assert len(lines) == 1 and "16 of 32 hidden units (50.0%)" in lines[0] and "no handler for function torch.flip" in lines[0]
     status, out, _ = _run(_merge_args(files, tmp_path / "out2", "--budget", "1.5", "--quiet", "--batches", "1"), capsys)
     assert status == 0 and "frozen:" not in out
 

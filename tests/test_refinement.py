@@ -139,16 +139,16 @@ def test_functional_batch_norm_is_folded_into_the_conv_before_it():
     assert stem.kind == "conv" and stem.norm is not None and stem.norm.running_mean == "stem_norm.mean"
 
 
-class Roll(nn.Module):
+class Flip(nn.Module):
     """An op pleas_fx cannot know: freezes the channels it touches."""
 
     def forward(self, x):
-        return torch.roll(x, 1, dims=1)
+        return torch.flip(x, dims=(1,))
 
 
 def _rolled_mlp(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), Roll(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), Flip(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
 
 
 def test_frozen_hidden_units_are_never_silent(caplog):
@@ -157,12 +157,12 @@ def test_frozen_hidden_units_are_never_silent(caplog):
     with caplog.at_level(logging.WARNING, logger="pleas_fx"):
         merged = pleas_fx.merge(a, b, x, 1.5, data)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    # roll freezes the 8 features it reads and the 8 it writes, of 8 + 8 + 6 hidden units
-    assert any("16 of 22 hidden units (72.7%) are frozen" in w and "no handler for function torch.roll" in w
+    # flip freezes the 8 features it reads and the 8 it writes, of 8 + 8 + 6 hidden units
+    assert any("16 of 22 hidden units (72.7%) are frozen" in w and "no handler for function torch.flip" in w
                for w in warnings), warnings
     frozen = merged.meta["pleas_fx"]["frozen_hidden"]
     assert frozen["frozen_units"] == 16 and frozen["hidden_units"] == 22
-    assert frozen["by_reason"] == {"no handler for function torch.roll": 16}
+    assert frozen["by_reason"] == {"no handler for function torch.flip": 16}
 
 
 def test_nothing_frozen_means_no_warning(caplog):

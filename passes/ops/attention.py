@@ -34,7 +34,7 @@ def matmul(ctx, node):
     params = [x for x in (a, b) if is_attr(x)]
     per_unit = not params and _within_contraction(ctx, la[-1], lb[-2], la[:-2], lb[:-2])
     contracted = ctx.unify(la[-1], lb[-2])
-    if not params and not per_unit:
+    if not params and not per_unit and not ctx.is_frozen(contracted):  # (key tokens: positions already)
         ctx.freeze(contracted, ctx.reason("contraction", "contraction of two activations"))
     if is_attr(b):
         ctx.set_role(b, len(lb) - 2, "in")

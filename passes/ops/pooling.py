@@ -1,5 +1,5 @@
 """Pooling, resizing and padding: channels (and batch) pass through, spatial axes are new;
-padding a feature axis freezes it."""
+padding a feature axis freezes it (padding it by nothing does not)."""
 from __future__ import annotations
 
 import torch
@@ -41,15 +41,23 @@ def pooling(ctx, node):
 
 
 def pad(ctx, node):
+    """Padded axes are new positions (a padded feature axis is frozen); an axis padded by a
+    literal 0 on both sides (the channels of a channels-last map padded spatially) passes through."""
     x = ctx.layouts(node.args[0])
     widths = arg(node, 1, "pad")
     k = len(widths) // 2
     out_shape = ctx.shape()
     reason = ctx.reason("padding", "padding of this axis")
-    for lay in x[len(x) - k:]:
+    out = list(x[: len(x) - k])
+    for i, lay in enumerate(x[len(x) - k:]):  # widths run from the last axis backwards
+        before, after = widths[2 * (k - 1 - i)], widths[2 * (k - 1 - i) + 1]
+        if type(before) is int and type(after) is int and before == after == 0:
+            out.append(lay)
+            continue
         if not ctx.is_frozen(lay):
             ctx.freeze(lay, reason)
-    return [*x[: len(x) - k], *[ctx.fresh(n, "spatial") for n in out_shape[len(x) - k:]]]
+        out.append(ctx.fresh(out_shape[len(out)], "spatial"))
+    return out
 
 
 register_op(*POOL_MODULES, *POOL_FUNCTIONS, spec=OpSpec(infer=pooling))

@@ -1,5 +1,5 @@
-"""Softmax and reductions: an axis whose features are mixed (normalised together or reduced
-over) is frozen; the others pass through."""
+"""Softmax, reductions and F.normalize: an axis whose features are mixed (normalised together
+or reduced over) is frozen, except a head's entries under F.normalize; the others pass through."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +15,20 @@ def softmax(ctx, node):
     dim = ctx.module().dim if node.op == "call_module" else arg(node, 1, "dim")
     if dim is None:
         ctx.freeze(x, ctx.reason("softmax", "softmax without dim"))
-    else:
+    elif not ctx.is_frozen(x[dim]):  # attention scores over key tokens: positions, frozen already
         ctx.freeze(x[dim], ctx.reason("softmax", "softmax normalises across this axis"))
+    return list(x)
+
+
+def normalize(ctx, node):
+    """F.normalize(x, p, dim): divides by a norm over one axis, which is invariant under
+    permutations of that axis but not under widening it. A head's entries (a live within axis:
+    cosine attention normalises q and k per head) keep their group, since widening adds whole
+    heads and never entries; any other permutable axis is frozen."""
+    x = ctx.layouts(node.args[0])
+    dim = arg(node, 2, "dim", 1) % len(x)
+    if ctx.within(x[dim]) is None and not ctx.is_frozen(x[dim]):
+        ctx.freeze(x[dim], ctx.reason("normalisation", "normalize divides by a norm over this axis"))
     return list(x)
 
 
@@ -55,3 +67,4 @@ def reduction(ctx, node):
 register_op(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
             "softmax", "log_softmax", spec=OpSpec(infer=softmax))
 register_op(*REDUCTIONS, spec=OpSpec(infer=reduction))
+register_op(F.normalize, spec=OpSpec(infer=normalize))

@@ -1,5 +1,5 @@
 """Shape ops: flatten, reshape/view (with the refinement of a group split into units x
-entries, e.g. heads x head_dim), permute/transpose, squeeze/unsqueeze, expand/repeat.
+entries, e.g. heads x head_dim), permute/transpose, squeeze/unsqueeze, expand/repeat, roll.
 
 Widening rewrites the size constants of reshape/view/expand/unflatten for the merged widths.
 """
@@ -38,10 +38,26 @@ def flatten_axes(ctx, layouts, sizes) -> Layout:
     """The layout of consecutive axes flattened into one (frozen if it cannot be expressed)."""
     lay = flatten_layout(layouts, sizes, ctx.is_frozen, ctx.is_within_of)
     if lay is None:
-        reason = ctx.reason("reshape", "flatten of several permutable axes")
+        reason = ctx.reason("constant", "flatten of the positions of a constant table") if _buffer_positions(ctx, layouts) \
+            else ctx.reason("reshape", "flatten of several permutable axes")
         ctx.freeze(list(layouts), reason)
         return ctx.fresh(prod(sizes), reason)
     return lay if lay else ctx.fresh(prod(sizes), "spatial")
+
+
+def _buffer_positions(ctx, layouts) -> bool:
+    """Whether every permutable axis among `layouts` is so far an axis of buffers only (no
+    parameter, no network input): the positions of a constant table (Swin v2's relative
+    coordinates, mapped by a small MLP and then flattened), not learned features."""
+    buffers = {ctx.canonical(n) for n, _ in ctx.gm.named_buffers()}
+    roots = {ctx.uf.find(s.group) for lay in layouts if not ctx.is_frozen(lay) for s in lay}
+    owners = {r: set() for r in roots}
+    for name, lays in ctx.param_layouts.items():
+        for lay in lays:
+            for s in lay:
+                if ctx.uf.find(s.group) in owners:
+                    owners[ctx.uf.find(s.group)].add(name)
+    return bool(roots) and all(names and names <= buffers for names in owners.values())
 
 
 def reshape(ctx, node):
@@ -262,6 +278,19 @@ def squeeze(ctx, node):
     return kept if len(kept) == len(out_shape) else unknown(ctx, node, "other", "squeeze")
 
 
+def roll(ctx, node):
+    """torch.roll(x, shifts, dims): rolled axes are positions moved cyclically (a permutable axis
+    rolled is frozen); the other axes pass through. Without dims the flattened tensor rolls."""
+    x = ctx.layouts(node.args[0])
+    dims = arg(node, 2, "dims")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return unknown(ctx, node, "other", "roll of the flattened tensor")
+    for d in (dims if isinstance(dims, (list, tuple)) else [dims]):
+        if not ctx.is_frozen(x[d % len(x)]):
+            ctx.freeze(x[d % len(x)], ctx.reason("spatial mixing", "roll moves the entries of this axis"))
+    return list(x)
+
+
 def expand(ctx, node):
     x = ctx.layouts(node.args[0])
     in_shape, out_shape = list(ctx.shape(node.args[0])), list(ctx.shape())
@@ -287,4 +316,5 @@ register_op("t", torch.t, spec=OpSpec(infer=t))
 register_op("unsqueeze", torch.unsqueeze, spec=OpSpec(infer=unsqueeze))
 register_op("squeeze", torch.squeeze, spec=OpSpec(infer=squeeze))
 register_op("expand", spec=OpSpec(infer=expand, rewrite=reshape_rewrite))
+register_op(torch.roll, "roll", spec=OpSpec(infer=roll))
 register_op("expand_as", "repeat", "tile", torch.tile, spec=OpSpec(infer=expand))

@@ -130,20 +130,22 @@ def getitem(ctx, node):
 
 
 def _lookup(ctx, node, x, index):
-    """table[idx] with an integer index tensor into a parameter's rows (a relative position bias
-    table): the rows are looked up like an embedding's vocabulary (structural, not features);
-    the table's other axes (heads) keep their groups."""
+    """table[idx] with an integer index tensor into a table's rows (a relative position bias
+    table, or one computed by a small MLP as in Swin v2): the rows are looked up like an
+    embedding's vocabulary (structural, not features, for a parameter; a computed table's
+    permutable rows are frozen); the table's other axes (heads) keep their groups."""
     meta = index.meta.get("tensor_meta") if isinstance(index, fx.Node) else None
     if meta is None or not hasattr(meta, "dtype") or meta.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         return None
     if not ctx.is_frozen(x[0]):
-        ctx.freeze(x[0], ctx.reason("vocabulary", "rows of a table looked up by an index tensor"))
+        ctx.freeze(x[0], ctx.reason("vocabulary", "rows of a table looked up by an index tensor") if is_attr(node.args[0])
+                   else ctx.reason("indexing", "rows of a computed table looked up by an index tensor"))
     ctx.freeze(ctx.layouts(index), ctx.reason("constant", "an index tensor's entries"))
     return [ctx.fresh(n, "constant") for n in ctx.shape(index)] + list(x[1:])
 
 
 def _index_tensor(ctx, node, x, index):
-    if is_attr(node.args[0]) and not isinstance(index, tuple) and (out := _lookup(ctx, node, x, index)) is not None:
+    if not isinstance(index, tuple) and (out := _lookup(ctx, node, x, index)) is not None:
         return out
     index = index if isinstance(index, tuple) else (index,)
     in_shape = list(ctx.shape(node.args[0]))
@@ -168,10 +170,17 @@ def _index_tensor(ctx, node, x, index):
                 if step == 1 and not ctx.is_frozen(x[dim]) and ctx.split_at(x[dim], [start, stop]) is not None:
                     x = ctx.rewritten(x)
                 sub = slice_layout(x[dim], start, stop) if step == 1 else None
-                if sub is None:
+                if sub is None and not ctx.is_frozen(x[dim]):
                     ctx.freeze(x[dim], ctx.reason("slicing", "slicing inside a permutable group"))
+                if sub is None:
                     sub = ctx.fresh(len(range(start, stop, step)), "constant")
                 out.append(sub)
+            dim += 1
+        elif isinstance(item, slice) and all(v is None or isinstance(v, (int, fx.Node)) for v in (item.start, item.stop, item.step)):
+            # bounds computed in the graph (x[:, :H, :W] after padding): positions, not features
+            if not ctx.is_frozen(x[dim]):
+                ctx.freeze(x[dim], ctx.reason("slicing", "slicing by a bound computed at run time"))
+            out.append(ctx.fresh(ctx.shape()[len(out)], "spatial"))
             dim += 1
         else:
             return unknown(ctx, node, "indexing", "advanced indexing")

@@ -23,7 +23,8 @@ anything from the folder:
   ``torch.overrides`` reports as tensor operations), the ``operator`` module's arithmetic,
   comparison and indexing functions, ``getattr`` and ``torch._assert``, and the
   ``torch.fx.wrap``-ped functions of torch and torchvision (such as
-  ``torchvision.ops.stochastic_depth``). ``call_method`` and ``getattr`` names must be public
+  ``torchvision.ops.stochastic_depth``), and pleas_fx's shifted-window steps
+  (``pleas_fx.core.windows``: a lowered Swin attention's padding, shift and windows). ``call_method`` and ``getattr`` names must be public
   (no leading underscore), ``call_method`` names must be ``torch.Tensor`` methods, input names
   must be Python identifiers, and constants are plain JSON values (numbers, strings, tuples,
   slices, dtypes, devices);

@@ -1,5 +1,6 @@
 """What a saved model may call, and the resolution of saved names: the allow-list of functions
-(torch tensor functions, operator, getattr, torch.fx-wrapped torch/torchvision functions) and
+(torch tensor functions, operator, getattr, torch.fx-wrapped torch/torchvision functions,
+pleas_fx's own shifted-window steps of a lowered Swin attention, pleas_fx.core.windows) and
 of submodule classes (torch.nn layers, and pleas_fx's own block layers, pleas_fx.core.layers). Saving maps objects to names, loading names back to
 objects, and refuses anything else: this is what keeps load() from running foreign code."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn as nn
 
 from pleas_fx.core.errors import PleasError
 from pleas_fx.core.layers import BLOCK_LAYERS
+from pleas_fx.core.windows import WINDOW_FUNCTIONS
 from pleas_fx.io.errors import SaveError
 
 
@@ -44,6 +46,8 @@ def _function_table() -> tuple[dict[str, Any], dict[int, str]]:
         add(f"operator.{name}", getattr(operator, name))
     add("builtins.getattr", getattr)
     add("torch._assert", torch._assert)
+    for fn in WINDOW_FUNCTIONS:  # a lowered Swin attention's token moves (passes/lower_windows.py)
+        add(f"pleas_fx.core.windows.{fn.__name__}", fn)
     # functions registered with torch.fx.wrap: leaves of symbolic tracing
     try:
         from torch.fx import _symbolic_trace as st
