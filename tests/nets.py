@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from tools.check_zoo import randomize_norms  # noqa: F401  (one home: random BatchNorm states for tests and tools)
+
 ACTIVATIONS = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "leaky": lambda: nn.LeakyReLU(0.1),
     "sigmoid": nn.Sigmoid, "hardswish": nn.Hardswish,
@@ -48,25 +50,6 @@ def hypothesis_settings(max_examples: int, **kw) -> settings:
 
 
 # --------------------------------------------------------------------------- helpers
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters (in place).
-
-    Default BatchNorm state (mean 0, var 1, weight 1, bias 0) is nearly the identity map,
-    which would let bugs in BatchNorm folding and mapping go unnoticed."""
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                if m.track_running_stats and m.running_mean is not None:
-                    m.running_mean.copy_(0.3 * torch.randn(n, generator=gen))
-                    m.running_var.copy_(0.3 + 1.7 * torch.rand(n, generator=gen))
-                if m.affine:
-                    m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                    m.bias.copy_(0.3 * torch.randn(n, generator=gen))
-    return model
-
-
 def snapshot(model: nn.Module) -> dict[str, Any]:
     """Everything merge() must leave untouched: tensors (values, dtype, device, requires_grad),
     every submodule's training flag, and the module tree."""

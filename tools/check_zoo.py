@@ -36,7 +36,7 @@ DEFAULT = [
 ]
 
 
-def randomize_norms(model: nn.Module, seed: int) -> nn.Module:
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BatchNorm statistics and affine parameters: the default state is nearly the
     identity, which would hide errors in folding and mapping."""
     gen = torch.Generator().manual_seed(10_000 + seed)
