@@ -326,8 +326,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
     print()
     print(_table([rows for rows, *_ in runs]))
     print(f"\nThe sweep of {n_merged} budgets took {sweep_seconds:.1f} s: tracing, one statistics pass "
-          f"over {args.max_batches} batches of 100 images and matching {shared_seconds:.1f} s once, then the "
-          "seconds shown per budget (merged-input least squares: one pass per depth level).")
+          f"over {args.max_batches} batches of 100 images and matching {shared_seconds:.1f} s once, then "
+          f"{sweep_seconds - shared_seconds:.1f} s of merged-input least squares for every budget together "
+          "(one lockstep pass per depth level; each budget's row shows that shared pass).")
     print("Parameters are what the merged model stores (sum of p.numel()): block layers keep no "
           "zero blocks between features kept only for A and only for B.")
     return 0
