@@ -67,7 +67,7 @@ class MergeOptions:
                   budget_metric: str = "params", width_grid: int | Sequence[float] = 8,
                   allocation_time_limit: float = 10.0, proxy: str = "cost",
                   evaluate: Callable[[torch.nn.Module], float] | None = None,
-                  frozen: str = "model_a", least_squares: str = "merged",
+                  frozen: str | None = None, least_squares: str = "merged",
                   layernorm: str = "per_model", emit: str = "compact") -> "MergeOptions":
         budgets = check_budgets(budget)
         allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy,
@@ -79,6 +79,8 @@ class MergeOptions:
             raise PleasError(f"repair must be True, False or None, got {repair!r}")
         if isinstance(data, str) and data not in GENERATED:
             raise DataError(f"data must be an iterable of batches, a function, or one of {GENERATED}; got {data!r}")
+        if frozen is None:  # the better policy for the least squares in use (tools/bench_frozen.py)
+            frozen = "average" if least_squares == "merged" and how.solve == "least_squares" else "model_a"
         if frozen not in FROZEN_POLICIES:
             raise PleasError(f"frozen must be one of {FROZEN_POLICIES}, got {frozen!r}")
         if least_squares not in LEAST_SQUARES:

@@ -1,7 +1,7 @@
 """No silent freezing (docs/DESIGN.md, "Refine, don't freeze"): where axes of different structure
 meet they are linked at their common refinement; functional norms, InstanceNorm and GroupNorm
-are first-class; what must stay frozen is reported (WARNING, report, CLI) and gets model A's
-features by default."""
+are first-class; what must stay frozen is reported (WARNING, report, CLI) and gets the better of
+averaging and model A's features for the least squares in use, by default."""
 from __future__ import annotations
 
 import logging
@@ -185,6 +185,17 @@ def test_a_frozen_axis_gets_the_chosen_features(policy):
     assert relative_error(hidden, want) < 1e-5
     same = pleas_fx.merge(a, a, x, 1.0, data, frozen=policy)
     assert relative_error(same(x), a(x)) < 1e-5
+
+
+@pytest.mark.parametrize("least_squares,policy", [("merged", "average"), ("source", "model_a")])
+def test_default_frozen_policy_follows_the_least_squares(least_squares, policy):
+    """The default (frozen=None) averages a frozen axis under merged-input least squares and
+    takes A's features under source least squares (the winners of tools/bench_frozen.py)."""
+    a, b = _rolled_mlp(0), _rolled_mlp(1)
+    x, data = torch.randn(4, 5), [torch.randn(64, 5) for _ in range(4)]
+    merged = pleas_fx.merge(a, b, x, 1.0, data, least_squares=least_squares)
+    want = a[0](x) if policy == "model_a" else 0.5 * (a[0](x) + b[0](x))
+    assert relative_error(merged.get_submodule("0")(x), want) < 1e-5
 
 
 def test_unknown_frozen_policy_is_refused():
