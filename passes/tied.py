@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import GroupPlan, GroupSpec, axis_map, layout_numel
 from pleas_fx.passes.linalg import zip_tensors
+from pleas_fx.passes.ops.common import arg, is_attr
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def _embedding_weight(node: fx.Node, gm: fx.GraphModule) -> str | None:
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Embedding):
         return f"{node.target}.weight"
     if node.op == "call_function" and node.target is F.embedding:
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        weight = arg(node, 1, "weight")
+        if is_attr(weight):
             return weight.target
     return None
 

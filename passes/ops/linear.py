@@ -71,13 +71,18 @@ def linear_function_compact(node: fx.Node, gm: fx.GraphModule) -> BlockEmit | No
     return BlockEmit(arg(node, 0, "input"), w.target, b.target if b is not None else None)
 
 
+def _freeze_if_max_norm(ctx, features, max_norm) -> None:
+    """max_norm renormalises each looked-up row over its features: a norm over the widened axis."""
+    if max_norm is not None:
+        ctx.freeze([features], ctx.reason("reduction", "embedding max_norm renormalises rows over the features"))
+
+
 def embedding(ctx, node):
     m = ctx.module()
     ids = ctx.layouts(node.args[0])
     ctx.freeze(ids, "network input")
     out = ctx.fresh(m.embedding_dim)
-    if m.max_norm is not None:
-        ctx.freeze([out], ctx.reason("reduction", "embedding max_norm renormalises rows over the features"))
+    _freeze_if_max_norm(ctx, out, m.max_norm)
     ctx.param(f"{node.target}.weight", [ctx.fresh(m.num_embeddings, "vocabulary"), out])
     return [*ids, out]
 
@@ -90,8 +95,7 @@ def embedding_function(ctx, node):
     wl = ctx.layouts(w)
     ctx.freeze(ids, "network input")
     ctx.freeze([wl[0]], "vocabulary")
-    if arg(node, 3, "max_norm") is not None:
-        ctx.freeze([wl[1]], ctx.reason("reduction", "embedding max_norm renormalises rows over the features"))
+    _freeze_if_max_norm(ctx, wl[1], arg(node, 3, "max_norm"))
     return [*ids, wl[1]]
 
 
