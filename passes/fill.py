@@ -119,14 +119,14 @@ class _Filler:
         if key not in self.stats.cache and w.kind != "grouped":
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
         method = self.solve if self.solve in ("regmean", "adam") else "least_squares"
-        if w.kind == "grouped":  # conv group by conv group, on the source inputs
+        merged = None  # the merged network's own inputs (per conv group for a grouped conv)
+        if measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1):
+            merged = measured.mean()
+        if w.kind == "grouped":  # conv group by conv group
             per_in = getattr_path(self.gm_a, w.weight).shape[1] * w.taps
             sol = solve_grouped(S, (wa, ba, wb, bb), in_map, out_map, per_in, self.per_out(w), has_bias,
-                                self.ridge, "regmean" if method == "regmean" else "least_squares")
+                                self.ridge, "regmean" if method == "regmean" else "least_squares", merged=merged)
         else:
-            merged = None
-            if measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1):
-                merged = measured.mean()
             sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
                               method, merged=merged)
         if sol.fallback:
@@ -234,8 +234,7 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
         for f in fillers:
             _fill_one(f, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
-            # grouped convolutions keep their conv-group-by-conv-group source-input solve
-            solved = [w for w in weights.nodes if w.solved and w.node in stats.least_squares and w.kind != "grouped"]
+            solved = [w for w in weights.nodes if w.solved and w.node in stats.least_squares]
             jobs = [Job(f.merged, f.merged_target, f.least_squares)
                     for i, f in enumerate(fillers) if not (exact and exact[i])]
             if jobs:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pleas_fx.core.ir import AxisMap
-from pleas_fx.passes.linalg import LayerSolution, source_targets, solve_layer
+from pleas_fx.passes.linalg import LayerSolution, MergedInputs, source_targets, solve_layer
 
 
 def _rows(m: AxisMap, rows: slice, offset_a: int, offset_b: int) -> AxisMap:
@@ -31,12 +31,14 @@ def _unit(idx: np.ndarray, per: int) -> int:
 
 
 def solve_grouped(S: torch.Tensor, sources, in_map: AxisMap, out_map: AxisMap, per_in: int, per_out: int,
-                  has_bias: bool, ridge: float, method: str = "least_squares") -> LayerSolution:
+                  has_bias: bool, ridge: float, method: str = "least_squares",
+                  merged: list[MergedInputs] | None = None) -> LayerSolution:
     """The merged grouped layer (rows: merged output entries; columns: the per_in input entries
     of each row's own conv group), solved block by block. `S` = E[s s^T] over the stacked
     patches s = [x_A; x_B; 1] of the whole input (din = S.shape[0] // 2 entries a side, unit
     u's entries at [u * per_in, (u + 1) * per_in)); `sources` = (wa, ba, wb, bb) with weight
-    rows (out, per_in)."""
+    rows (out, per_in). `merged[f]`: merged conv group f's own measured inputs (merged-input
+    least squares, passes/merged_inputs.py), over its per_in entries in the merged order."""
     wa, ba, wb, bb = sources
     din = (S.shape[0] - 1) // 2
     units = out_map.size // per_out
@@ -55,7 +57,8 @@ def solve_grouped(S: torch.Tensor, sources, in_map: AxisMap, out_map: AxisMap, p
         rb = slice(ib * per_out, (ib + 1) * per_out)
         src = (wa[ra], ba[ra], wb[rb], bb[rb])
         sol = solve_layer(S_f, source_targets(S_f, *src), src, _rows(in_map, in_rows, ia * per_in, ib * per_in),
-                          _rows(out_map, out_rows, ia * per_out, ib * per_out), has_bias, ridge, method)
+                          _rows(out_map, out_rows, ia * per_out, ib * per_out), has_bias, ridge, method,
+                          merged=None if merged is None else merged[f])
         fallback = fallback or sol.fallback
         parts.append(sol)
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=S.dtype, device=S.device)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from pleas_fx.core.errors import InternalError
+from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
 from pleas_fx.passes.linalg import MergedInputs
@@ -234,6 +235,34 @@ class _Sums:
         return MergedInputs(self.gram.mean()[: m + 1, : m + 1], cross, self.sq_y / n)
 
 
+@dataclass
+class _GroupedSums:
+    """Running sums of a grouped convolution, one `_Sums` per merged conv group over that group's
+    own input channels (the layer's input Gram is block-diagonal: only its diagonal blocks)."""
+
+    parts: list[_Sums]
+
+    @property
+    def gram(self) -> SecondMoments:  # rows and input width, the same in every conv group
+        return self.parts[0].gram
+
+    def mean(self) -> list[MergedInputs]:
+        return [p.mean() for p in self.parts]
+
+
+def _accumulate_grouped(acc: _GroupedSums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, per_in: int,
+                        positions: int | None, gen: torch.Generator, dtype) -> _GroupedSums:
+    """`_accumulate` for a grouped convolution: conv group f of the merged layer reads input
+    channels [f per_in, (f + 1) per_in) and writes its share of the output channels."""
+    groups = xm.shape[1] // per_in
+    per_out = y.shape[1] // groups
+    parts = acc.parts if acc is not None else [None] * groups
+    for f in range(groups):
+        parts[f] = _accumulate(parts[f], w, xm[:, f * per_in:(f + 1) * per_in], y[:, f * per_out:(f + 1) * per_out],
+                               positions, gen, dtype)
+    return _GroupedSums(parts)
+
+
 def _accumulate(acc: _Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, positions: int | None,
                 gen: torch.Generator, dtype) -> _Sums:
     """Add one batch: xm the merged input, y the merged target (channels on axis 1 for a
@@ -292,7 +321,7 @@ class Job:
 
     merged: fx.GraphModule
     target: Callable[[WeightNode, torch.Tensor, torch.Tensor], torch.Tensor]
-    solve: Callable[[WeightNode, MergedInputs], None]
+    solve: Callable[[WeightNode, "_Sums | _GroupedSums"], None]
 
 
 @torch.no_grad()
@@ -312,6 +341,8 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     runners = [_Runner(gm, ready, ordered=_unsafe(gm)) for gm, ready in
                [(job.merged, _ready(job.merged, level_of, 0)) for job in jobs]]
     renamed = [{old: new for new, old in job.merged.meta.get("block_nodes", {}).items()} for job in jobs]
+    per_in = {w.node: int(getattr_path(gm_a, w.weight).shape[1]) for level in levels for w in level
+              if w.kind == "grouped"}  # input channels per conv group
     mine = list(sharded(batches))
     states: list[list[_State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
     gens = [torch.Generator().manual_seed(seed) for _ in jobs]
@@ -326,15 +357,20 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             for j, (job, run) in enumerate(zip(jobs, runners)):
                 st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {})
                 for w in level:
-                    target = job.target(w, ya[w.node], yb[w.node])
-                    sums[j][w.node] = _accumulate(sums[j].get(w.node), w, xm[w.node], target, positions, gens[j], dtype)
+                    target, prev = job.target(w, ya[w.node], yb[w.node]), sums[j].get(w.node)
+                    if w.kind == "grouped":
+                        sums[j][w.node] = _accumulate_grouped(prev, w, xm[w.node], target, per_in[w.node], positions,
+                                                              gens[j], dtype)
+                    else:
+                        sums[j][w.node] = _accumulate(prev, w, xm[w.node], target, positions, gens[j], dtype)
             size = _bytes(st)
             if kept + size > cache_bytes:
                 states[i] = [None] * len(st)  # run again from the input at the next level
             else:
                 kept += size
         if world()[1] > 1:
-            flat = [s for per_job in sums for s in (per_job[w.node] for w in level)]
+            flat = [p for per_job in sums for s in (per_job[w.node] for w in level)
+                    for p in (s.parts if isinstance(s, _GroupedSums) else [s])]
             tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
             for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
                 s.gram.count = c

@@ -215,3 +215,23 @@ def test_flatten_keeps_a_within_group():
     units = (Segment(0, 2, inner=2, within=5),)
     out = flatten_layout([units, (Segment(1, 3),), (Segment(2, 3),)], [4, 3, 3], lambda lay: lay[0].group in frozen)
     assert out == (Segment(0, 2, inner=18, outer=1, within=5),)
+
+
+def test_grouped_convolutions_are_refined_on_the_merged_inputs():
+    """A grouped conv behind a merged layer is re-solved conv group by conv group on the inputs
+    the merged network feeds it (least_squares="merged"), while the first conv, whose input is the
+    data itself, keeps the source-input solution."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+    torch.manual_seed(0)
+    a, b = net(), net()
+    data = [torch.randn(32, 3, 8, 8) for _ in range(4)]
+    merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False)
+    source = pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False, least_squares="source")
+    pm, ps = dict(merged.named_parameters()), dict(source.named_parameters())
+    first, grouped = [sorted(k for k in pm if k.startswith(f"{i}.") and k.endswith("weight")) for i in (0, 2)]
+    assert first and grouped
+    assert all(relative_error(pm[k], ps[k]) < 1e-6 for k in first)
+    assert max(relative_error(pm[k], ps[k]) for k in grouped) > 1e-3
