@@ -11,7 +11,7 @@ import torch.fx as fx
 from pleas_fx.core.freeze import FreezeReason
 from pleas_fx.core.fxutil import node_shape
 from pleas_fx.core.ir import Layout, Segment, layout_numel
-from pleas_fx.passes.layout_ops import TupleLayouts, boundaries, first_cut
+from pleas_fx.passes.layout_ops import TupleLayouts, boundaries, first_cut, slice_pieces
 from pleas_fx.passes.ops.registry import describe_op
 from pleas_fx.passes.union_find import UnionFind
 
@@ -164,20 +164,43 @@ class InferenceContext:
             self._unify_within(x, y)
         return a
 
-    def split_at(self, layout: Layout, offsets) -> Layout | None:
+    def split_at(self, layout: Layout, offsets, cut_units: bool = False) -> Layout | None:
         """`layout` with a segment boundary at every offset in `offsets` (0 < offset < numel),
         partitioning the groups the offsets cut (a split into pieces, a slice, a concat of other
         sizes meeting it): the rewritten layout, or None where an offset falls inside a unit or
-        a group cannot be partitioned (repeated, with a within group, frozen)."""
-        for _ in range(layout_numel(layout) + 1):  # each step adds a segment boundary
-            cut = first_cut(layout, offsets)
+        a group cannot be partitioned (repeated, with a within group, frozen). `cut_units` (a
+        split's own pieces): an offset inside a unit of an unrepeated group partitions that unit
+        off and freezes it (a widened unit's pieces would not be contiguous), not the group; the
+        caller slices the frozen segment (`slice`)."""
+        skip = (lambda seg: self.uf.frozen[self.uf.find(seg.group)]) if cut_units else None
+        for _ in range(2 * layout_numel(layout) + 2):  # each step adds a segment boundary or freezes a unit
+            cut = first_cut(layout, offsets, skip)
             if cut is None:
                 return layout
-            seg, sizes = cut
-            if not self.partition(seg.group, sizes):
+            seg, sizes, c = cut
+            if not sizes and cut_units and seg.outer == 1:
+                u = c // seg.inner
+                sizes = [n for n in (u, 1, seg.size - u - 1) if n]
+                if len(sizes) > 1 and not self.partition(seg.group, sizes):
+                    return None
+                self.uf.freeze(self.rewritten((seg,))[1 if u else 0].group, self.reason(
+                    "slicing", "a split cuts through a unit (a channel shuffle's units of several channels)",
+                    f"offset {c} of a unit of {seg.inner} entries"))
+            elif not self.partition(seg.group, sizes):
                 return None
             layout = self.rewritten(layout)
         return None
+
+    def slice(self, layout: Layout, start: int, stop: int) -> Layout | None:
+        """Entries [start, stop) of `layout` after `split_at(..., cut_units=True)`: whole segments,
+        and the entries of a frozen segment the range cuts as a frozen axis of their own (for the
+        same reason); None where the range cuts a permutable segment."""
+        def piece(seg: Segment, n: int) -> Layout | None:
+            root = self.uf.find(seg.group)
+            if not self.uf.frozen[root]:
+                return None
+            return self.fresh(n, (self.uf.reasons.get(root) or [FreezeReason("constant")])[0])
+        return slice_pieces(layout, start, stop, piece)
 
     def _unify_within(self, x: Segment, y: Segment) -> None:
         """Two segments of one group meet: their within groups must permute alike."""

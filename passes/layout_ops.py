@@ -122,17 +122,36 @@ def boundaries(layout: Layout) -> list[int]:
     return out
 
 
-def first_cut(layout: Layout, offsets) -> tuple[Segment, list[int]] | None:
-    """The first segment of `layout` that an offset falls strictly inside, and the unit counts
-    of its two pieces; None when every offset is a segment boundary. An offset inside a unit,
-    or inside a repeated segment, gives no pieces: the partition then fails."""
+def first_cut(layout: Layout, offsets, skip: Callable[[Segment], bool] | None = None
+              ) -> tuple[Segment, list[int], int] | None:
+    """The first segment of `layout` that an offset falls strictly inside, the unit counts of its
+    two pieces and the offset inside the segment; None when every offset is a segment boundary
+    (or inside a segment that `skip` accepts). An offset inside a unit, or inside a repeated
+    segment, gives no pieces: the partition then fails."""
     offset = 0
     for seg in layout:
         inside = sorted(c for c in offsets if offset < c < offset + seg.numel)
-        if inside:
+        if inside and not (skip is not None and skip(seg)):
             c = inside[0] - offset
             if seg.outer != 1 or c % seg.inner:
-                return seg, []
-            return seg, [c // seg.inner, seg.size - c // seg.inner]
+                return seg, [], c
+            return seg, [c // seg.inner, seg.size - c // seg.inner], c
         offset += seg.numel
     return None
+
+
+def slice_pieces(layout: Layout, start: int, stop: int, piece: Callable[[Segment, int], Layout]) -> Layout | None:
+    """Sub-layout of entries [start, stop): whole segments, and for a segment the range cuts
+    `piece(segment, n)` (a frozen segment's n entries); None where `piece` returns None."""
+    out, offset = [], 0
+    for seg in layout:
+        end = offset + seg.numel
+        if start <= offset and end <= stop:
+            out.append(seg)
+        elif end > start and offset < stop:
+            sub = piece(seg, min(end, stop) - max(offset, start))
+            if sub is None:
+                return None
+            out.extend(sub)
+        offset = end
+    return tuple(out)

@@ -49,7 +49,7 @@ def tiny_swin(cfg: dict, seed: int) -> SwinTransformer:
 @st.composite
 def swin_configs(draw):
     stages = draw(st.integers(1, 2))
-    heads = [draw(st.sampled_from([2, 3]))]  # (one head: its entries meet q . k as a plain axis, frozen)
+    heads = [draw(st.sampled_from([1, 2, 3]))]  # one head: a size-1 heads axis (reshape to (.., 1, C))
     heads.append(heads[0] * draw(st.integers(1, 2)))
     return {"v2": draw(st.booleans()), "dim": heads[0] * draw(st.integers(2, 3)),
             "depths": [draw(st.integers(1, 2)) for _ in range(stages - 1)] + [2], "heads": heads[:stages],

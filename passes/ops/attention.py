@@ -1,7 +1,8 @@
-"""Matrix products and attention: a contraction of a weight with an activation is a
-weight layer (the weight's axis takes role "in"); a contraction of two activations freezes
-the contracted axis, except q . k over head_dim with heads on a batch axis of both, where
-each head's q and k entries may be permuted alike (a within group)."""
+"""Matrix products and attention (matmul, einsum, scaled dot-product attention): a contraction
+of a weight with an activation is a weight layer (the weight's axis takes role "in"); a
+contraction of two activations freezes the contracted axis, except q . k over head_dim with
+heads on a batch axis of both, where each head's q and k entries may be permuted alike (a
+within group)."""
 from __future__ import annotations
 
 import operator
@@ -11,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from pleas_fx.core.ir import Layout
-from pleas_fx.passes.ops.common import arg, is_attr, unknown
+from pleas_fx.passes.ops.common import arg, is_attr, only_broadcast, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 
@@ -58,6 +59,51 @@ def _within_contraction(ctx, x: Layout, y: Layout, batch_x, batch_y) -> bool:
     return on_batch(batch_x) and on_batch(batch_y)
 
 
+def einsum(ctx, node):
+    """torch.einsum on explicit subscripts (MaxViT's "B G H I D, B G H J D -> B G H I J"): the
+    axes of one letter share a permutation (size-1 axes only broadcast); a letter in the output
+    keeps it; a letter summed over is a contraction (with a parameter: the weight's axis takes
+    role "in"; between activations: frozen, unless q . k over head_dim as in matmul). A letter
+    repeated in one operand (a diagonal), a sum over one operand's axis and "..." are frozen."""
+    equation, operands = node.args[0], list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or "." in equation or any(ctx.layouts(o) is None for o in operands):
+        return unknown(ctx, node, "contraction", "einsum", repr(equation))
+    lhs, _, rhs = equation.replace(" ", "").partition("->")
+    subs = lhs.split(",")
+    if "->" not in equation.replace(" ", ""):
+        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    lays = [ctx.layouts(o) for o in operands]
+    shapes = [list(ctx.shape(o)) for o in operands]
+    if len(subs) != len(operands) or any(len(sub) != len(lay) or len(set(sub)) != len(sub) for sub, lay in zip(subs, lays)):
+        return unknown(ctx, node, "contraction", "einsum with a repeated subscript", equation)
+    axes = {c: [(i, sub.index(c)) for i, sub in enumerate(subs) if c in sub] for c in dict.fromkeys("".join(subs))}
+    joined = {}
+    for c, where in axes.items():
+        n = max(shapes[i][d] for i, d in where)
+        full = [lays[i][d] for i, d in where if shapes[i][d] == n]  # (size 1 against n > 1: broadcast)
+        live = [lay for lay in full if not only_broadcast(ctx, lay)] or full
+        acc = live[0]
+        for lay in live[1:]:
+            acc = ctx.unify(acc, lay)
+        joined[c] = acc
+        if c in rhs:
+            continue
+        params = [operands[i] for i, _ in where if is_attr(operands[i])]
+        for i, d in where:
+            ctx.set_role(operands[i], d, "in")
+        if len(where) == 2 and not params and not ctx.is_frozen(acc):
+            (i, di), (j, dj) = where
+            rest = lambda k, dk: [lays[k][e] for e in range(len(lays[k])) if e != dk and subs[k][e] in rhs]
+            if _within_contraction(ctx, lays[i][di], lays[j][dj], rest(i, di), rest(j, dj)):
+                continue
+        if (len(where) == 1 or not params) and not ctx.is_frozen(acc):
+            ctx.freeze(acc, ctx.reason("contraction", "einsum contraction of activations" if len(where) > 1
+                                       else "einsum sum over an axis"))
+    return [ctx.rewritten(joined[c]) for c in rhs]
+
+
 def scaled_dot_product_attention(ctx, node):
     """softmax(q k^T * scale + mask) v over (..., tokens, head_dim) tensors: the leading (batch,
     heads) axes of q, k, v and the output share permutations; q's and k's feature axis and the
@@ -80,4 +126,5 @@ def scaled_dot_product_attention(ctx, node):
 
 
 register_op(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", spec=OpSpec(infer=matmul))
+register_op(torch.einsum, spec=OpSpec(infer=einsum))
 register_op(F.scaled_dot_product_attention, spec=OpSpec(infer=scaled_dot_product_attention))

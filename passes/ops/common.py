@@ -59,21 +59,33 @@ def broadcast(ctx, node: fx.Node, operands=None):
     if out_shape is None or isinstance(out_shape, list):
         return unknown(ctx, node, "other", "elementwise op with a non-tensor result")
     out: list[Layout | None] = [None] * len(out_shape)
+    live_one = {i for a in operands for i in range(1, len(ctx.shape(a)) + 1)
+                if i <= len(out_shape) and out_shape[-i] == 1 and not ctx.is_frozen(ctx.layouts(a)[-i])}
     for a in operands:
         lays, shp = ctx.layouts(a), ctx.shape(a)
         for i in range(1, len(shp) + 1):
             if i > len(out_shape) or (shp[-i] == 1 and out_shape[-i] != 1):
                 continue
+            if i in live_one and only_broadcast(ctx, lays[-i]):
+                continue  # a size-1 axis that only broadcasts meets a one-unit group (a single head)
             lay = lays[-i]
             out[-i] = lay if out[-i] is None else ctx.unify(out[-i], lay)
     for a in operands:  # a parameter with one entry broadcast over a feature axis: one entry per feature
         if is_attr(a):
             shp = ctx.shape(a)
             for i in range(1, len(shp) + 1):
-                if shp[-i] == 1 and i <= len(out_shape) and out_shape[-i] != 1 and out[-i] is not None \
-                        and not ctx.is_frozen(out[-i]):
+                if shp[-i] == 1 and i <= len(out_shape) and out[-i] is not None and not ctx.is_frozen(out[-i]) \
+                        and (out_shape[-i] != 1 or only_broadcast(ctx, ctx.layouts(a)[-i])):
                     layouts = list(ctx.param_layouts.get(ctx.canonical(a.target), ctx.layouts(a)))
                     layouts[len(shp) - i] = out[-i]
                     ctx.param(a.target, layouts)
     return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "constant")
             for lay, n in zip(out, out_shape)]
+
+
+def only_broadcast(ctx, layout: Layout) -> bool:
+    """A size-1 axis frozen only because it has one entry (it can only broadcast)."""
+    if len(layout) != 1 or layout[0].size * layout[0].inner * layout[0].outer != 1:
+        return False
+    root = ctx.uf.find(layout[0].group)
+    return ctx.uf.frozen[root] and {r.kind for r in ctx.uf.reasons.get(root, [])} == {"size-1"}

@@ -67,10 +67,14 @@ def reshape(ctx, node):
     blocks = align_reshape(in_sizes, out_sizes)
     if blocks is None:
         return unknown(ctx, node, "reshape", "reshape", f"{in_sizes} -> {out_sizes}")
+    kept = _singleton_heads(ctx, x, in_sizes, out_sizes, blocks, out)
+    x = ctx.rewritten(x)
     for i, n in enumerate(in_sizes):  # dropped size-1 axes
-        if n == 1 and not ctx.is_frozen(x[i]):
+        if n == 1 and i not in kept and not ctx.is_frozen(x[i]):
             ctx.freeze(x[i], ctx.reason("reshape", "reshape drops this axis"))
     for ins, outs in blocks:
+        if len(ins) == 1 and len(outs) == 1 and out[outs[0]] is not None:
+            continue  # (a single head's entries: _singleton_heads)
         if len(ins) == 1 and len(outs) == 1:
             out[outs[0]] = x[ins[0]]
         elif len(outs) == 1:
@@ -100,6 +104,40 @@ def reshape(ctx, node):
             ctx.freeze([x[i] for i in ins], ctx.reason("reshape", "reshape regroups axes", f"{in_sizes} -> {out_sizes}"))
     return [lay if lay is not None else ctx.fresh(n, "size-1" if n == 1 else "spatial")
             for lay, n in zip(out, out_sizes)]
+
+
+def _singleton_heads(ctx, x, in_sizes, out_sizes, blocks, out) -> set[int]:
+    """A single attention head: a size-1 axis next to the entries axis that it holds the one unit of
+    (align_reshape leaves size-1 axes out). (B, N, C) -> (B, N, 1, C) as the last two axes (batch
+    and tokens before them) makes the channels one unit with a within group (heads x head_dim with
+    one head: whole heads are widened, each head's entries permuted); (.., 1, C) -> (.., C) flattens the unit with its
+    entries, (.., 1, C) -> (.., 1, C) keeps both; a trailing size-1 axis stays one. Fills `out`;
+    returns the input size-1 axes kept."""
+    kept: set[int] = set()
+    if in_sizes and out_sizes and in_sizes[-1] == out_sizes[-1] == 1 and not ctx.is_frozen(x[-1]):
+        out[-1] = x[-1]  # a trailing size-1 axis stays (one head of a position-bias table: (.., 1) -> (-1, 1))
+        kept.add(len(in_sizes) - 1)
+    for ins, outs in blocks:
+        if len(ins) != 1 or len(outs) != 1:
+            continue
+        i, j = ins[0], outs[0]
+        unit_in = i > 0 and in_sizes[i - 1] == 1 and not ctx.is_frozen(x[i - 1]) and ctx.is_within_of(x[i], x[i - 1][0].group)
+        unit_out = j > 0 and out_sizes[j - 1] == 1
+        if unit_in and unit_out:
+            out[j - 1], out[j] = x[i - 1], x[i]
+        elif unit_in:
+            out[j] = flatten_axes(ctx, [x[i - 1], x[i]], [1, in_sizes[i]])
+        elif (unit_out and i == len(in_sizes) - 1 and j == len(out_sizes) - 1 >= 3 and in_sizes[i - 1] != 1
+              and len(x[i]) == 1 and x[i][0].inner == x[i][0].outer == 1 and not ctx.is_frozen(x[i])
+              and _refine_for_split(ctx, x[i], [1, in_sizes[i]])):
+            parts = unflatten_layout(ctx.rewritten(x[i]), [1, in_sizes[i]], ctx.is_frozen, ctx.within_size)
+            if parts is not None and None not in parts:
+                out[j - 1], out[j] = parts
+            continue
+        else:
+            continue
+        kept.add(i - 1)
+    return kept
 
 
 def _stack_pieces(ctx, layout: Layout, sizes: list[int]) -> list[Layout | None] | None:

@@ -60,7 +60,7 @@ def split(ctx, node):
     pieces = []
     if method != "unbind" and not ctx.is_frozen(x[dim]):  # pieces cut a group: split it into pieces first
         ends = [sum(shp[dim] for shp in shapes[:i + 1]) for i in range(len(shapes))]
-        if ctx.split_at(x[dim], ends) is not None:
+        if ctx.split_at(x[dim], ends, cut_units=True) is not None:
             x = ctx.rewritten(x)
     start = 0
     for shp in shapes:
@@ -71,7 +71,7 @@ def split(ctx, node):
             pieces.append(list(piece))
             continue
         stop = start + shp[dim]
-        sub = slice_layout(x[dim], start, stop)
+        sub = ctx.slice(x[dim], start, stop)
         if sub is None:
             ctx.freeze(x[dim], ctx.reason("slicing", "split inside a permutable group"))
             sub = ctx.fresh(shp[dim], "constant")
