@@ -168,3 +168,29 @@ def test_timm_swin_tiny_is_merged_not_frozen():
     report = describe_groups(model, torch.randn(1, 3, 224, 224), check=True)
     assert report.frozen_hidden_units == 0, report.frozen_by_reason
     assert report.check.passed, report.check
+
+
+class GridView(torch.nn.Module):
+    """MaxViT-style grid partition of a 7x7 map with grid 7: (B, 7, 7, C) -> (B, 7, 1, 7, 1, C),
+    axes swapped, viewed back; channels mixed by Linear layers before and after."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.inp, self.mid, self.out = torch.nn.Linear(3, c), torch.nn.Linear(c, c), torch.nn.Linear(c, 4)
+
+    def forward(self, x):  # x: (B, 7, 7, 3)
+        y = torch.relu(self.inp(x))
+        b, h, w, c = y.shape
+        y = y.view(b, 7, h // 7, 7, w // 7, c).permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, c)
+        return self.out(torch.relu(self.mid(y))).mean((1, 2))
+
+
+def test_a_grid_view_with_size_one_windows_is_not_a_single_head():
+    """(B, N, C) -> (B, N, 1, C) is read as one attention head only when the other axes are
+    unchanged; a grid view that inserts size-1 window axes (timm's MaxViT at 224 px, stage 4)
+    keeps the channels plain: nothing frozen, permutations sound."""
+    torch.manual_seed(0)
+    a, x = GridView().eval(), torch.randn(2, 7, 7, 3)
+    report = describe_groups(a, x, check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert report.check.max_deviation < 1e-12, report.check

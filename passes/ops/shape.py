@@ -110,7 +110,9 @@ def _singleton_heads(ctx, x, in_sizes, out_sizes, blocks, out) -> set[int]:
     """A single attention head: a size-1 axis next to the entries axis that it holds the one unit of
     (align_reshape leaves size-1 axes out). (B, N, C) -> (B, N, 1, C) as the last two axes (batch
     and tokens before them) makes the channels one unit with a within group (heads x head_dim with
-    one head: whole heads are widened, each head's entries permuted); (.., 1, C) -> (.., C) flattens the unit with its
+    one head: whole heads are widened, each head's entries permuted) when every other axis is
+    unchanged (a window grid view such as (B, 7, 7, C) -> (B, 7, 1, 7, 1, C) is not a head);
+    (.., 1, C) -> (.., C) flattens the unit with its
     entries, (.., 1, C) -> (.., 1, C) keeps both; a trailing size-1 axis stays one. Fills `out`;
     returns the input size-1 axes kept."""
     kept: set[int] = set()
@@ -128,6 +130,7 @@ def _singleton_heads(ctx, x, in_sizes, out_sizes, blocks, out) -> set[int]:
         elif unit_in:
             out[j] = flatten_axes(ctx, [x[i - 1], x[i]], [1, in_sizes[i]])
         elif (unit_out and i == len(in_sizes) - 1 and j == len(out_sizes) - 1 >= 3 and in_sizes[i - 1] != 1
+              and list(out_sizes[:-2]) == list(in_sizes[:-1])  # only the head axis inserted (not a grid view)
               and len(x[i]) == 1 and x[i][0].inner == x[i][0].outer == 1 and not ctx.is_frozen(x[i])
               and _refine_for_split(ctx, x[i], [1, in_sizes[i]])):
             parts = unflatten_layout(ctx.rewritten(x[i]), [1, in_sizes[i]], ctx.is_frozen, ctx.within_size)
