@@ -14,7 +14,7 @@ from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
 from pleas_fx.passes.compact import compact, stored_zeros
 from pleas_fx.passes.fill import MergedInputOptions, fill_models
-from pleas_fx.passes.merged_inputs import leading_batches
+from pleas_fx.passes.merged_inputs import leading_batches, refined_samples
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
@@ -176,7 +176,8 @@ def merge(
         sites = methods.sites_to_measure(spec, opts.matching, opts.data is not None)
         stats = (collect_statistics(traced.gm_a, traced.gm_b, data_in.batches, weights.solved, sites,
                                     dtype=opts.stats_dtype, progress=opts.progress, total=data_in.total,
-                                    positions=opts.positions, seed=opts.seed, full_sites=opts.matching == "zipit")
+                                    positions=opts.positions, seed=opts.seed, full_sites=opts.matching == "zipit",
+                                    refined_samples=refined_samples(data_in.batches) if opts.merged_inputs else None)
                  if weights.solved or sites else Statistics())
     with timer("matching"):
         match = methods.match(opts.matching, spec, stats, traced.gm_a, traced.gm_b, seed=opts.seed)
