@@ -136,7 +136,8 @@ def merge(
             filled), so errors do not compound, and the BatchNorm statistics written with it are
             those of the merged network on the calibration data (passes/merged_inputs.py; the
             leading 512 calibration samples advance level by level through the sources and every
-            budget's merged model in lockstep: about one more forward pass of each). "source": the paper's
+            budget's merged model in lockstep: about one more forward pass of each; the statistics pass
+            then skips the stacked source moments of the layers re-solved this way). "source": the paper's
             model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
             for every budget).
         layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
