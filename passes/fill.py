@@ -26,18 +26,12 @@ from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode
 from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
-from pleas_fx.passes.merged_inputs import Job, refine, weight_levels
+from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, Job, refine, weight_levels
 from pleas_fx.passes.statistics import Statistics
 from pleas_fx.passes.weights import WeightPlan
 from pleas_fx.passes.within_axes import realign_b
 
 log = logging.getLogger(__name__)
-
-
-# merged-input least squares needs at least this many rows (samples x positions) per merged
-# input entry; with fewer, its measured Gram is rank-deficient and the re-solve would fit rounding
-# noise: the source-input solution is kept
-MIN_ROWS_PER_INPUT = 2
 
 
 class _Filler:
@@ -114,20 +108,27 @@ class _Filler:
         if not (out_map.pairwise and in_map.pairwise):
             raise PleasError(f"{w.node}: least squares needs plans that merge features of A with "
                              f"features of B only (ZipIt!-style plans are filled with solve='mapped')")
-        S = self.stats.least_squares[w.node].mean()
+        enough = measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1)
+        sums = self.stats.least_squares.get(w.node)
+        if sums is None:  # deferred by the statistics pass: measured inputs only (passes/statistics.py)
+            if not enough:
+                self.notes.append(f"{w.node}: too few merged-input rows and no source moments; used the mapped "
+                                  f"weights")
+                return
+            S = None
+        else:
+            S = sums.mean()
         key = ("source_targets", w.node)  # budget-independent: cached across budgets
-        if key not in self.stats.cache and w.kind != "grouped":
+        if S is not None and key not in self.stats.cache and w.kind != "grouped":
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
         method = self.solve if self.solve in ("regmean", "adam") else "least_squares"
-        merged = None  # the merged network's own inputs (per conv group for a grouped conv)
-        if measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1):
-            merged = measured.mean()
+        merged = measured.mean() if enough else None  # the merged network's own inputs (per conv group if grouped)
         if w.kind == "grouped":  # conv group by conv group
             per_in = getattr_path(self.gm_a, w.weight).shape[1] * w.taps
             sol = solve_grouped(S, (wa, ba, wb, bb), in_map, out_map, per_in, self.per_out(w), has_bias,
                                 self.ridge, "regmean" if method == "regmean" else "least_squares", merged=merged)
         else:
-            sol = solve_layer(S, self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
+            sol = solve_layer(S, self.stats.cache.get(key), (wa, ba, wb, bb), in_map, out_map, has_bias, self.ridge,
                               method, merged=merged)
         if sol.fallback:
             self.notes.append(f"{w.node}: least squares ill-conditioned; used the mapped weights")
@@ -147,13 +148,14 @@ class _Filler:
         (a following normalisation folded in), channels on axis 1 (convolution) or last."""
         axis = -1 if w.kind == "linear" else 1
         out_map = self.amap(w.weight, 0)
-        ya, yb = ya.movedim(axis, 0), yb.movedim(axis, 0)
+        work = torch.promote_types(ya.dtype, torch.float32)  # the sums' products run in it anyway
+        ya, yb = ya.movedim(axis, 0).to(work), yb.movedim(axis, 0).to(work)
         if w.norm:
             (sa, ha), (sb, hb) = self.norm_affine(w.norm)
             view = (-1,) + (1,) * (ya.dim() - 1)
             ya = ya * sa.to(ya.dtype).reshape(view) + ha.to(ya.dtype).reshape(view)
             yb = yb * sb.to(yb.dtype).reshape(view) + hb.to(yb.dtype).reshape(view)
-        return zip_tensors(ya, yb, [out_map], ["out"]).to(ya.dtype).movedim(0, axis)
+        return zip_tensors(ya, yb, [out_map], ["out"], dtype=work).movedim(0, axis)
 
     def input_map(self, w: WeightNode) -> AxisMap:
         """A grouped conv's input channels (im2col order: each channel's taps in a row)."""
@@ -234,7 +236,7 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
         for f in fillers:
             _fill_one(f, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
-            solved = [w for w in weights.nodes if w.solved and w.node in stats.least_squares]
+            solved = [w for w in weights.nodes if w.solved and (w.node in stats.least_squares or w.node in stats.deferred)]
             jobs = [Job(f.merged, f.merged_target, f.least_squares)
                     for i, f in enumerate(fillers) if not (exact and exact[i])]
             if jobs:

@@ -31,12 +31,14 @@ def _along(w: np.ndarray, axis: int, ndim: int, like: torch.Tensor) -> torch.Ten
     return torch.as_tensor(w, dtype=like.dtype, device=like.device).reshape(shape)
 
 
-def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: list[str]) -> torch.Tensor:
+def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: list[str],
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Merge two tensors axis by axis: M (average merged features) on the first feature axis,
     U (copy) on every other non-frozen axis; all-frozen tensors are averaged. This is the
     mapped weight W = M_out blkdiag(W_A, W_B) U_in, axis by axis; a ZipIt!-style map (two
-    sources of one model in a merged feature) sums that side's terms."""
-    ta, tb = ta.double(), tb.double()
+    sources of one model in a merged feature) sums that side's terms. Computed in `dtype`
+    (activations merged as targets stay in their own precision)."""
+    ta, tb = ta.to(dtype), tb.to(dtype)
     primary = next((i for i, (m, r) in enumerate(zip(maps, roles)) if r == "out" and not m.frozen), None)
     if primary is None:
         primary = next((i for i, r in enumerate(roles) if r == "out"), None)
@@ -128,7 +130,7 @@ def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tens
     return None, lam
 
 
-def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sources, in_map: AxisMap,
+def solve_layer(S: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tensor] | None, sources, in_map: AxisMap,
                 out_map: AxisMap, has_bias: bool, ridge: float, method: str = "least_squares",
                 merged: "MergedInputs | None" = None) -> LayerSolution:
     """The merged layer W = argmin E||W M_in s - M_out [y_A; y_B]||^2 + lam ||W - W0||^2
@@ -141,9 +143,10 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
     `merged` (method "least_squares" only): the merged network's own inputs x~ at this layer
     (merged-input least squares): W = argmin E||W x~ - M_out [y_A; y_B]||^2 + lam ||W - W0||^2,
     with E[x~ x~^T] and E[[y_A; y_B] x~^T] measured on the merged network whose earlier layers are
-    already filled, instead of the model x~ = M_in s."""
+    already filled, instead of the model x~ = M_in s. `S` None (the statistics pass deferred this
+    layer's source moments to the refinement): solved on `merged` alone, the rows that W0 already
+    fits kept (see `_merged_solve`)."""
     wa, ba, wb, bb = sources
-    ya, yb = targets
     din = wa.shape[1]
     n_in = in_map.size
     in_a = np.append(in_map.idx_a >= 0, True)[: n_in + has_bias]
@@ -151,14 +154,18 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
     blocks = [np.flatnonzero(in_a & in_b), np.flatnonzero(in_a & ~in_b), np.flatnonzero(~in_a & in_b)]
     order = np.concatenate(blocks)
     n_s, n_a = len(blocks[0]), len(blocks[1])
-    order_t = torch.as_tensor(order, device=S.device)
-    M = stacked_merge_matrix(in_map, din, order, S)
-    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the modelled merged inputs
+    order_t = torch.as_tensor(order, device=wa.device)
     maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
     W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
     W0 = W0.index_select(1, order_t)
-    reg = torch.ones(len(order), dtype=G.dtype, device=G.device)
+    reg = torch.ones(len(order), dtype=W0.dtype, device=W0.device)
     reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
+    if S is None:  # no source moments (deferred to the refinement): the measured inputs alone
+        G, W_ord, ok = _merged_solve(merged, out_map, order_t, W0, W0, reg, n_s, n_a, ridge)
+        return _solution(W_ord, G, order_t, n_in, has_bias, ok)
+    ya, yb = targets
+    M = stacked_merge_matrix(in_map, din, order, S)
+    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the modelled merged inputs
     if method == "regmean":
         W_ord, ok = solve_regmean(S, ya, yb, in_map, out_map, order, din, W0, reg, n_s, n_a, ridge)
     elif method == "adam":
@@ -170,6 +177,11 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
         W_ord, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
         if merged is not None:
             G, W_ord, ok = _merged_solve(merged, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)
+    return _solution(W_ord, G, order_t, n_in, has_bias, ok)
+
+
+def _solution(W_ord, G, order_t, n_in: int, has_bias: bool, ok: bool) -> LayerSolution:
+    """The layer in input order, with its outputs' mean and variance under the Gram G."""
     W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
     W[:, order_t] = W_ord
     mean = W_ord @ G[:, int(torch.nonzero(order_t == n_in)[0])] if has_bias else torch.zeros(W.shape[0], dtype=W.dtype,
@@ -181,9 +193,10 @@ def solve_layer(S: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], sou
 def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, reg, n_s: int, n_a: int,
                   ridge: float):
     """Merged-input least squares: (E[x~ x~^T], W, ok), W solved on the measured inputs. Rows
-    that the source-input solution `W_src` already fits on the measured inputs to a relative
-    residual below KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones
-    (budget 2, a self-merge) up to rounding, which the solve would only amplify."""
+    that the candidate `W_src` (the source-input solution, or W0 where the source moments were
+    not collected) already fits on the measured inputs to a relative residual below
+    KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones (budget 2, a
+    self-merge: both candidates are exact) up to rounding, which the solve would only amplify."""
     G = merged.gram[order_t][:, order_t]
     R = merged.target_cross.index_select(1, order_t)  # E[target x~^T]
     W, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)

@@ -53,14 +53,19 @@ CHUNK_ROWS = 8192
 MERGED_INPUT_SAMPLES = 512
 # activations kept between levels (all networks, all batches); beyond it batches are re-run
 CACHE_BYTES = 2 * 2**30
+# the re-solve needs at least this many rows (samples x positions) per merged input entry; with
+# fewer, its measured Gram is rank-deficient and would fit rounding noise: the source-input
+# solution is kept (and the statistics pass keeps that layer's source moments for it)
+MIN_ROWS_PER_INPUT = 2
 
 
-def _samples(batch) -> int:
+def batch_samples(batch) -> int:
+    """Samples in a batch: the leading size of its first tensor."""
     if torch.is_tensor(batch):
         return int(batch.shape[0]) if batch.dim() else 1
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
     for item in items:
-        n = _samples(item)
+        n = batch_samples(item)
         if n:
             return n
     return 0
@@ -71,10 +76,15 @@ def leading_batches(batches: Iterable, samples: int = MERGED_INPUT_SAMPLES) -> l
     out, seen = [], 0
     for batch in batches:
         out.append(batch)
-        seen += _samples(batch)
+        seen += batch_samples(batch)
         if seen >= samples:
             break
     return out
+
+
+def refined_samples(batches: Iterable) -> int:
+    """The samples merged-input least squares reads: those of `leading_batches`."""
+    return sum(batch_samples(b) for b in leading_batches(batches))
 
 
 def weight_levels(gm: fx.GraphModule, nodes: list[WeightNode]) -> list[list[WeightNode]]:

@@ -10,10 +10,17 @@ in float64 (each chunk's product is taken in the activations' precision, at leas
   least-squares solve is linear algebra on S alone.
 - matching sites (one per activation axis of a mergeable group): E[z_A z_B^T], E[z_A^2],
   E[z_B^2] over every other axis treated as samples.
+
+With merged-input least squares (`refined_samples` set) a least-squares probe is *deferred*
+when the refinement's own rows are enough for any budget's re-solve: that layer is then solved
+from the merged network's measured inputs alone (passes/merged_inputs.py) and its stacked source
+moments, the dominant cost of this pass, are never formed. Only the probes the refinement cannot
+replace stay: grouped convolutions and layers with too few refinement rows (its fallback).
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -25,6 +32,7 @@ from pleas_fx.core.errors import DataError
 from pleas_fx.core.ir import Site, WeightNode
 from pleas_fx.core.progress import progress_bar
 from pleas_fx.passes.distributed import all_reduce_sums, shard_total, sharded, world
+from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, batch_samples
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
 from pleas_fx.passes.patch_plan import conv_output_size, patches_at
@@ -54,6 +62,7 @@ class Statistics:
     batches: int = 0
     samples: int = 0
     cache: dict = field(default_factory=dict)  # budget-independent products, reused by every fill
+    deferred: set = field(default_factory=set)  # probes left to merged-input least squares (node names)
 
 
 def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb: torch.Tensor,
@@ -151,8 +160,11 @@ class _Lockstep(fx.Interpreter):
 class _Collector:
     """The probes of one statistics pass and their running sums."""
 
-    def __init__(self, weights: list[WeightNode], sites: list[Site], dtype, positions, gen, device, full_sites):
+    def __init__(self, weights: list[WeightNode], sites: list[Site], dtype, positions, gen, device, full_sites,
+                 refined_samples: int | None = None):
         self.weights = {w.node: w for w in weights}
+        self.refined_samples = refined_samples
+        self.batch_samples = 0  # samples of the batch being run
         self.sites: dict[str, list[Site]] = {}
         for site in sites:
             self.sites.setdefault(site.node, []).append(site)
@@ -160,11 +172,34 @@ class _Collector:
         self.stats = Statistics()
 
     def weight_inputs(self, probe: WeightNode, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        if probe.node in self.stats.deferred:
+            return
         acc = self.stats.least_squares.get(probe.node)
         if acc is None:
             dim = xa.shape[-1] if probe.kind == "linear" else xa.shape[1] * probe.taps
+            if self._defer(probe, xa, dim):
+                self.stats.deferred.add(probe.node)
+                return
             acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(dim, dim, self.dtype, self.device)
         accumulate_inputs(acc, probe, xa, xb, self.positions, self.gen)
+
+    def _defer(self, probe: WeightNode, xa: torch.Tensor, dim: int) -> bool:
+        """Whether merged-input least squares will re-solve this layer from its own rows at every
+        budget: not a grouped conv, and the refinement's samples give at least MIN_ROWS_PER_INPUT
+        rows per entry of the widest merged input (2 dim + 1). Rows per sample from this batch."""
+        if self.refined_samples is None or probe.kind == "grouped" or self.batch_samples <= 0:
+            return False
+        if probe.kind == "linear":
+            rows = xa.numel() // max(xa.shape[-1], 1)
+        else:
+            x = xa.unsqueeze(2) if xa.dim() == 3 else xa
+            pads = tuple(p if isinstance(p, tuple) else (p, p) for p in probe.padding)
+            rows = x.shape[0] * math.prod(
+                conv_output_size(x.shape[2 + i], probe.kernel[i], probe.stride[i], *pads[i], probe.dilation[i])
+                for i in range(2))
+            if self.positions is not None:
+                rows = min(rows, x.shape[0] * self.positions)
+        return rows * self.refined_samples >= MIN_ROWS_PER_INPUT * (2 * dim + 1) * self.batch_samples
 
     def site_values(self, site: Site, za: torch.Tensor, zb: torch.Tensor) -> None:
         axis = site.axis
@@ -196,6 +231,7 @@ def collect_statistics(
     positions: int | None = None,
     seed: int = 0,
     full_sites: bool = False,
+    refined_samples: int | None = None,
 ) -> Statistics:
     """Run every batch through both models once and accumulate the probes' moments.
 
@@ -204,16 +240,20 @@ def collect_statistics(
     per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all,
     exactly).
     ``full_sites``: also accumulate each site's within-model moments and sums (ZipIt! matching).
+    ``refined_samples``: the samples merged-input least squares will read (None: no refinement):
+    probes it can replace are deferred to it (`Statistics.deferred`, module docstring).
     ``progress``: a tqdm bar (None: only when stderr is a terminal).
     """
     device = next((p.device for p in gm_a.parameters()), torch.device("cpu"))
-    collector = _Collector(weights, sites, dtype, positions, torch.Generator().manual_seed(seed), device, full_sites)
+    collector = _Collector(weights, sites, dtype, positions, torch.Generator().manual_seed(seed), device, full_sites,
+                           refined_samples)
     lockstep = _Lockstep(gm_a, gm_b, collector)
     stats = collector.stats
     rank, size = world()
     with torch.no_grad():
         for args in progress_bar(sharded(batches), progress, total=shard_total(total), desc="pleas_fx statistics",
                                  unit="batch"):
+            collector.batch_samples = batch_samples(args)
             lockstep.run(*args)
             stats.batches += 1
             stats.samples += int(args[0].shape[0]) if torch.is_tensor(args[0]) else 0

@@ -14,7 +14,7 @@ from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
 from pleas_fx.passes.compact import compact, stored_zeros
 from pleas_fx.passes.fill import MergedInputOptions, fill_models
-from pleas_fx.passes.merged_inputs import leading_batches
+from pleas_fx.passes.merged_inputs import leading_batches, refined_samples
 from pleas_fx.passes.footprint import Footprint
 from pleas_fx.passes.frozen import FrozenSummary, frozen_summary
 from pleas_fx.passes.heads import SeparateHeads, separate_heads
@@ -136,7 +136,8 @@ def merge(
             filled), so errors do not compound, and the BatchNorm statistics written with it are
             those of the merged network on the calibration data (passes/merged_inputs.py; the
             leading 512 calibration samples advance level by level through the sources and every
-            budget's merged model in lockstep: about one more forward pass of each). "source": the paper's
+            budget's merged model in lockstep: about one more forward pass of each; the statistics pass
+            then skips the stacked source moments of the layers re-solved this way). "source": the paper's
             model of the merged input, M_in [x_A; x_B] from the sources' activations (one data pass
             for every budget).
         layernorm: "per_model" (default): a LayerNorm over a widened axis (the residual stream of a
@@ -176,7 +177,8 @@ def merge(
         sites = methods.sites_to_measure(spec, opts.matching, opts.data is not None)
         stats = (collect_statistics(traced.gm_a, traced.gm_b, data_in.batches, weights.solved, sites,
                                     dtype=opts.stats_dtype, progress=opts.progress, total=data_in.total,
-                                    positions=opts.positions, seed=opts.seed, full_sites=opts.matching == "zipit")
+                                    positions=opts.positions, seed=opts.seed, full_sites=opts.matching == "zipit",
+                                    refined_samples=refined_samples(data_in.batches) if opts.merged_inputs else None)
                  if weights.solved or sites else Statistics())
     with timer("matching"):
         match = methods.match(opts.matching, spec, stats, traced.gm_a, traced.gm_b, seed=opts.seed)

@@ -44,6 +44,7 @@ def merge_report(*, spec: GroupSpec, widths: dict[int, int], plans: dict[int, Gr
         "unmatched_groups": match.unmatched_groups,
         "notes": notes,
         "statistics": {"batches": stats.batches, "samples": stats.samples,
-                       "least_squares_nodes": len(stats.least_squares), "matching_sites": len(stats.sites)},
+                       "least_squares_nodes": len(stats.least_squares) + len(stats.deferred),
+                       "source_moments_deferred": len(stats.deferred), "matching_sites": len(stats.sites)},
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }

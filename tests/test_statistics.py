@@ -83,3 +83,67 @@ def test_sub_sampled_positions_keep_the_invariants():
     sampled = pleas_fx.merge(a, b, x, 1.3, data=data, positions=5, progress=False)
     assert [p.shape for p in full.parameters()] == [p.shape for p in sampled.parameters()]
     assert any(not torch.equal(p, q) for p, q in zip(full.parameters(), sampled.parameters()))
+
+
+class _Deferrable(nn.Module):
+    """A conv (many rows per sample), a grouped conv and a linear head (one row per sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.grouped(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("refined", [None, 4, 64])
+def test_source_moments_are_deferred_only_where_the_refinement_replaces_them(refined):
+    """With merged-input least squares reading `refined` samples, a layer whose refinement rows
+    cover any budget's widest merged input (2 x 2 dim + 1 entries) is left to it; a grouped conv
+    and a layer with too few rows keep their source moments."""
+    from pleas_fx.passes.statistics import collect_statistics
+    from pleas_fx.passes.trace import propagate_shapes, trace_model
+    from pleas_fx.passes.weights import plan_weights
+
+    x = torch.randn(8, 3, 6, 6)
+    gms = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        gm = trace_model(_Deferrable().eval(), "model")
+        propagate_shapes(gm, (x,))
+        gms.append(gm)
+    solved = plan_weights(gms[0], 10_000).solved
+    stats = collect_statistics(*gms, [(x[:4],), (x[4:],)], solved, [], progress=False, refined_samples=refined)
+    # conv: 36 rows per sample, 2 (2 x 27 + 1) = 110 needed; head: 1 row per sample, 2 (2 x 4 + 1) = 18
+    deferred = {None: set(), 4: {"conv"}, 64: {"conv", "head"}}[refined]
+    assert stats.deferred == deferred
+    assert set(stats.least_squares) == {w.node for w in solved} - deferred
+    assert "grouped" in stats.least_squares
+
+
+def test_deferred_source_moments_keep_the_invariants_and_the_merge():
+    """Layers solved from the refinement's rows alone (no source moments) keep budget 2 = the
+    ensemble and self-merge = the identity, and give the merge of the source-moment path up to
+    the rows the two keep differently."""
+    import pleas_fx.api as api
+
+    cfg = {"kind": "cnn", "in_channels": 3, "size": 12, "head": "gap", "classes": 4, "hidden": 6,
+           "blocks": [("conv", {"cout": 6, "k": 3, "stride": 1, "bn": True, "act": "relu"}),
+                      ("residual", {"mid": 5, "cout": 6, "bn": True, "functional_add": True})]}
+    a, b = nets.build(cfg, 0).eval(), nets.build(cfg, 1).eval()
+    x, data = nets.example_and_data(cfg, 0, n_batches=3, batch_size=6)
+    merged = pleas_fx.merge(a, b, x, [1.0, 1.5, 2.0], data=data, progress=False)
+    assert merged[0].meta["pleas_fx"]["statistics"]["source_moments_deferred"] > 0
+    assert relative_error(nets.run(merged[2], x), nets.ensemble(a, b, x)) < 1e-4
+    _, _, permuted, _ = nets.permuted_copy(a, x, 3)
+    self_merged = pleas_fx.merge(a, permuted, x, 1.0, data=data, progress=False)
+    assert self_merged.meta["pleas_fx"]["statistics"]["source_moments_deferred"] > 0
+    assert relative_error(nets.run(self_merged, x), nets.run(a, x)) < 1e-4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "refined_samples", lambda batches: None)
+        full = pleas_fx.merge(a, b, x, [1.0, 1.5], data=data, progress=False)
+    assert full[0].meta["pleas_fx"]["statistics"]["source_moments_deferred"] == 0
+    for got, want in zip(merged, full):
+        assert relative_error(nets.run(got, x), nets.run(want, x)) < 1e-3

@@ -9,8 +9,9 @@ Cases (random weights: the time does not depend on training):
 For each case, in a fresh process (so the peak RSS is its own): the forward floor, one merge at
 budget 1.0 (seconds, ratio to the floor -- the lower of the floors timed before and after the
 merges --, peak RSS), and a sweep of budgets 1.0, 1.33, 1.67 and 2.0
-from one merge() call (seconds, ratio to the single merge). With --procs 2 the merge also runs
-sharded across 2 processes (torchrun, gloo): its seconds are rank 0's.
+from one merge() call (seconds, ratio to the single merge). Ratios are given in wall time and in
+process CPU time (steadier when other work shares the cores; the load average is printed). With
+--procs 2 the merge also runs sharded across 2 processes (torchrun, gloo): its seconds are rank 0's.
 
     nice -n 10 python tools/bench_merge.py                          # digits and resnet18
     nice -n 10 python tools/bench_merge.py --cases resnet50 --procs 1
@@ -85,27 +86,28 @@ def run_case(case: str, sweep: bool) -> dict:
         torch.distributed.init_process_group("gloo")
     a, b, data = make_pair(case)
 
-    def forward_floor() -> float:
+    def forward_floor() -> tuple[float, float]:
         with torch.no_grad():
             a(data[0][:2]), b(data[0][:2])  # warm-up
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for x in data:
                 a(x), b(x)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - cpu
 
-    floor = forward_floor()
-    start = time.perf_counter()
+    floor, floor_cpu = forward_floor()
+    start, cpu = time.perf_counter(), time.process_time()
     merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data)
-    one = time.perf_counter() - start
+    one, one_cpu = time.perf_counter() - start, time.process_time() - cpu
     out = {"case": case, "images": sum(len(x) for x in data), "floor_s": floor, "merge_s": one,
-           "timings": merged.meta["pleas_fx"]["timings"], "procs": world()[1]}
+           "merge_cpu_s": one_cpu, "timings": merged.meta["pleas_fx"]["timings"], "procs": world()[1]}
     del merged
     if sweep:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         pleas_fx.merge(a, b, data[0][:2], SWEEP, data)
-        out["sweep_s"] = time.perf_counter() - start
-    floor = min(floor, forward_floor())  # before and after the merges: the lower (a busy machine only slows)
-    out["floor_s"] = floor
+        out["sweep_s"], out["sweep_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+    again = forward_floor()  # before and after the merges: the lower (a busy machine only slows)
+    out["floor_s"], out["floor_cpu_s"] = min(floor, again[0]), min(floor_cpu, again[1])
+    out["load"] = os.getloadavg()[0]
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
@@ -137,15 +139,18 @@ def main(argv=None) -> int:
         return 0
     rows = [r for case in args.cases for procs in args.procs
             if (r := _subprocess(case, procs, sweep=procs == 1)) is not None]
-    print("| case | processes | images | forward floor (s) | merge at 1.0 (s) | merge / floor | statistics (s) | "
-          "solves (s) | 4-budget sweep (s) | sweep / merge | peak RSS (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    print("| case | processes | images | forward floor (s) | merge at 1.0 (s) | merge / floor | merge / floor (CPU) | "
+          "statistics (s) | solves (s) | 4-budget sweep (s) | sweep / merge | sweep / merge (CPU) | peak RSS (GiB) | "
+          "load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:  # CPU ratios: process CPU seconds (rank 0's), steadier than wall time on a shared machine
         t = r["timings"]
-        sweep = f"{r['sweep_s']:.1f} | {r['sweep_s'] / r['merge_s']:.2f}x" if "sweep_s" in r else "- | -"
+        sweep = (f"{r['sweep_s']:.1f} | {r['sweep_s'] / r['merge_s']:.2f}x | "
+                 f"{r['sweep_cpu_s'] / r['merge_cpu_s']:.2f}x") if "sweep_s" in r else "- | - | -"
         print(f"| {r['case']} | {r['procs']} | {r['images']} | {r['floor_s']:.2f} | {r['merge_s']:.1f} | "
-              f"{r['merge_s'] / r['floor_s']:.1f}x | {t.get('statistics', 0):.1f} | {t.get('fill', 0):.1f} | "
-              f"{sweep} | {r['peak_rss_gib']:.2f} |")
+              f"{r['merge_s'] / r['floor_s']:.1f}x | {r['merge_cpu_s'] / r['floor_cpu_s']:.1f}x | "
+              f"{t.get('statistics', 0):.1f} | {t.get('fill', 0):.1f} | {sweep} | {r['peak_rss_gib']:.2f} | "
+              f"{r['load']:.1f} |")
     return 0
 
 
