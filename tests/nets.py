@@ -393,3 +393,18 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def eval_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
+
+
+def assert_self_merge_and_budget_two(a: nn.Module, b: nn.Module, x: torch.Tensor, data: list, seed: int) -> None:
+    """The DESIGN invariants on a pair: merging A with a randomly permuted copy of itself at
+    budget 1 recovers A (< 1e-4), and budget 2 of A and B is their ensemble (< 1e-4) with
+    nothing frozen."""
+    import pleas_fx
+    from pleas_fx.passes.verify import relative_error
+
+    gm, _, permuted, _ = permuted_copy(a, x, seed + 2)
+    one = pleas_fx.merge(gm, permuted, x, 1.0, data, progress=False)
+    assert relative_error(run(one, x), run(a, x)) < 1e-4
+    two = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
+    assert two.meta["pleas_fx"]["frozen"] == []
+    assert relative_error(run(two, x), ensemble(a, b, x)) < 1e-4

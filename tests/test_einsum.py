@@ -80,12 +80,7 @@ def test_einsum_attention_groups_are_sound_and_unfrozen(cfg, seed):
 def test_einsum_attention_self_merge_and_budget_two(cfg, seed):
     a, b = _build(cfg, seed), _build(cfg, seed + 1)
     x, data = _data(seed)
-    gm, _, permuted, _ = nets.permuted_copy(a, x, seed + 2)
-    one = pleas_fx.merge(gm, permuted, x, 1.0, data, progress=False)
-    assert relative_error(nets.run(one, x), nets.run(a, x)) < 1e-4
-    two = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
-    assert two.meta["pleas_fx"]["frozen"] == []
-    assert relative_error(nets.run(two, x), nets.ensemble(a, b, x)) < 1e-4
+    nets.assert_self_merge_and_budget_two(a, b, x, data, seed)
 
 
 def _maxvit(seed):

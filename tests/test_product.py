@@ -154,13 +154,7 @@ def test_product_groups_are_sound_and_unfrozen(cfg, seed):
 def test_product_self_merge_and_budget_two(cfg, seed):
     a, b = _build(cfg, seed), _build(cfg, seed + 1)
     x, data = _data(seed)
-    gm, _, permuted, perms = nets.permuted_copy(a, x, seed + 2)
-    merged = pleas_fx.merge(gm, permuted, x, 1.0, data, progress=False)
-    assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
-    two = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
-    expected = nets.ensemble(a, b, x)
-    assert relative_error(nets.run(two, x), expected) < 1e-4
-    assert two.meta["pleas_fx"]["frozen"] == []
+    nets.assert_self_merge_and_budget_two(a, b, x, data, seed)
     partial = pleas_fx.merge(a, b, x, 1.4, data, progress=False)  # whole conv groups kept apart
     r = partial.meta["pleas_fx"]
     assert r["parameters"] <= 1.4 * r["parameters_one_model"] + 1e-6
