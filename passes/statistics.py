@@ -15,7 +15,7 @@ With merged-input least squares (`refined_samples` set) a least-squares probe is
 when the refinement's own rows are enough for any budget's re-solve: that layer is then solved
 from the merged network's measured inputs alone (passes/merged_inputs.py) and its stacked source
 moments, the dominant cost of this pass, are never formed. Only the probes the refinement cannot
-replace stay: grouped convolutions and layers with too few refinement rows (its fallback).
+replace stay: layers with too few refinement rows (its fallback).
 """
 from __future__ import annotations
 
@@ -185,9 +185,10 @@ class _Collector:
 
     def _defer(self, probe: WeightNode, xa: torch.Tensor, dim: int) -> bool:
         """Whether merged-input least squares will re-solve this layer from its own rows at every
-        budget: not a grouped conv, and the refinement's samples give at least MIN_ROWS_PER_INPUT
-        rows per entry of the widest merged input (2 dim + 1). Rows per sample from this batch."""
-        if self.refined_samples is None or probe.kind == "grouped" or self.batch_samples <= 0:
+        budget: the refinement's samples give at least MIN_ROWS_PER_INPUT rows per entry of the
+        widest merged input (2 dim + 1; for a grouped conv the whole input's, more than any one
+        conv group reads). Rows per sample from this batch."""
+        if self.refined_samples is None or self.batch_samples <= 0:
             return False
         if probe.kind == "linear":
             rows = xa.numel() // max(xa.shape[-1], 1)

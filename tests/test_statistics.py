@@ -101,8 +101,8 @@ class _Deferrable(nn.Module):
 @pytest.mark.parametrize("refined", [None, 4, 64])
 def test_source_moments_are_deferred_only_where_the_refinement_replaces_them(refined):
     """With merged-input least squares reading `refined` samples, a layer whose refinement rows
-    cover any budget's widest merged input (2 x 2 dim + 1 entries) is left to it; a grouped conv
-    and a layer with too few rows keep their source moments."""
+    cover any budget's widest merged input (2 x 2 dim + 1 entries; a grouped conv's whole input)
+    is left to it; a layer with too few rows keeps its source moments."""
     from pleas_fx.passes.statistics import collect_statistics
     from pleas_fx.passes.trace import propagate_shapes, trace_model
     from pleas_fx.passes.weights import plan_weights
@@ -116,11 +116,11 @@ def test_source_moments_are_deferred_only_where_the_refinement_replaces_them(ref
         gms.append(gm)
     solved = plan_weights(gms[0], 10_000).solved
     stats = collect_statistics(*gms, [(x[:4],), (x[4:],)], solved, [], progress=False, refined_samples=refined)
-    # conv: 36 rows per sample, 2 (2 x 27 + 1) = 110 needed; head: 1 row per sample, 2 (2 x 4 + 1) = 18
-    deferred = {None: set(), 4: {"conv"}, 64: {"conv", "head"}}[refined]
+    # conv: 36 rows per sample, 2 (2 x 27 + 1) = 110 needed; grouped: 2 (2 x 36 + 1) = 146;
+    # head: 1 row per sample, 2 (2 x 4 + 1) = 18
+    deferred = {None: set(), 4: {"conv"}, 64: {"conv", "grouped", "head"}}[refined]
     assert stats.deferred == deferred
     assert set(stats.least_squares) == {w.node for w in solved} - deferred
-    assert "grouped" in stats.least_squares
 
 
 def test_deferred_source_moments_keep_the_invariants_and_the_merge():
@@ -147,3 +147,17 @@ def test_deferred_source_moments_keep_the_invariants_and_the_merge():
     assert full[0].meta["pleas_fx"]["statistics"]["source_moments_deferred"] == 0
     for got, want in zip(merged, full):
         assert relative_error(nets.run(got, x), nets.run(want, x)) < 1e-3
+
+
+def test_deferred_grouped_convolutions_keep_the_invariants():
+    """A grouped conv solved from the refinement's rows alone, conv group by conv group, keeps
+    budget 2 = the ensemble and self-merge = the identity."""
+    torch.manual_seed(0)
+    a, b = _Deferrable().eval(), _Deferrable().eval()
+    x, data = torch.randn(4, 3, 6, 6), [torch.randn(16, 3, 6, 6) for _ in range(4)]
+    merged = pleas_fx.merge(a, b, x, [1.0, 2.0], data=data, progress=False)
+    assert merged[0].meta["pleas_fx"]["statistics"]["source_moments_deferred"] == 3  # conv, grouped, head
+    assert relative_error(nets.run(merged[1], x), nets.ensemble(a, b, x)) < 1e-4
+    _, _, permuted, _ = nets.permuted_copy(a, x, 3)
+    self_merged = pleas_fx.merge(a, permuted, x, 1.0, data=data, progress=False)
+    assert relative_error(nets.run(self_merged, x), nets.run(a, x)) < 1e-4
