@@ -103,3 +103,30 @@ def test_small_maxvit_is_merged_not_frozen():
     assert relative_error(nets.run(one, x), nets.run(a, x)) < 1e-4
     two = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
     assert relative_error(nets.run(two, x), nets.ensemble(a, b, x)) < 1e-4
+
+
+class EllipsisMix(nn.Module):
+    """A conv stem, then channels mixed by einsum with "..." over the spatial axes (a 1x1 conv as
+    einsum, "bc...,dc->bd...") and a second einsum that pools them ("bc...->bc"), a Linear head."""
+
+    def __init__(self, c=5, d=4):
+        super().__init__()
+        self.stem = nn.Conv2d(2, c, 3, padding=1)
+        self.mix = nn.Parameter(torch.randn(d, c) / c ** 0.5)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        y = torch.relu(torch.einsum("bc...,dc->bd...", torch.relu(self.stem(x)), self.mix))
+        return self.head(torch.einsum("bc...->bc", y) / (y.shape[2] * y.shape[3]))
+
+
+def test_einsum_with_an_ellipsis_is_merged_not_frozen():
+    """"..." stands for axes of their own: the channels stay mergeable, permutations are sound,
+    and the invariants hold."""
+    torch.manual_seed(0)
+    a, b = EllipsisMix().eval(), EllipsisMix().eval()
+    x, data = torch.randn(2, 2, 5, 5), [torch.randn(4, 2, 5, 5) for _ in range(2)]
+    report = describe_groups(a, x, check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert report.check.max_deviation < 1e-5, report.check
+    nets.assert_self_merge_and_budget_two(a, b, x, data, seed=0)

@@ -64,16 +64,18 @@ def einsum(ctx, node):
     axes of one letter share a permutation (size-1 axes only broadcast); a letter in the output
     keeps it; a letter summed over is a contraction (with a parameter: the weight's axis takes
     role "in"; between activations: frozen, unless q . k over head_dim as in matmul). A letter
-    repeated in one operand (a diagonal), a sum over one operand's axis and "..." are frozen."""
+    repeated in one operand (a diagonal) and a sum over one operand's axis are frozen; "..." stands
+    for letters of their own (`_explicit_subscripts`)."""
     equation, operands = node.args[0], list(node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
-    if not isinstance(equation, str) or "." in equation or any(ctx.layouts(o) is None for o in operands):
+    if not isinstance(equation, str) or any(ctx.layouts(o) is None for o in operands):
         return unknown(ctx, node, "contraction", "einsum", repr(equation))
-    lhs, _, rhs = equation.replace(" ", "").partition("->")
-    subs = lhs.split(",")
-    if "->" not in equation.replace(" ", ""):
-        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    explicit = _explicit_subscripts(equation, [len(ctx.shape(o)) for o in operands])
+    if explicit is None:
+        return unknown(ctx, node, "contraction", "einsum", repr(equation))
+    subs, rhs = explicit
+    lhs = ",".join(subs)
     lays = [ctx.layouts(o) for o in operands]
     shapes = [list(ctx.shape(o)) for o in operands]
     if len(subs) != len(operands) or any(len(sub) != len(lay) or len(set(sub)) != len(sub) for sub, lay in zip(subs, lays)):
@@ -102,6 +104,30 @@ def einsum(ctx, node):
             ctx.freeze(acc, ctx.reason("contraction", "einsum contraction of activations" if len(where) > 1
                                        else "einsum sum over an axis"))
     return [ctx.rewritten(joined[c]) for c in rhs]
+
+
+def _explicit_subscripts(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """An einsum equation with "..." replaced by unused letters (broadcast from the right, as
+    torch does) and the implicit output made explicit: (operand subscripts, output subscripts);
+    None where it does not parse."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if len(subs) != len(ranks) or any(s.count("...") > 1 or "." in s.replace("...", "") for s in subs + [rhs]):
+        return None
+    free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    spans = [rank - (len(s) - 3) if "..." in s else 0 for s, rank in zip(subs, ranks)]
+    width = max(spans, default=0)
+    if min(spans, default=0) < 0 or width > len(free):
+        return None
+    letters = "".join(free[:width])
+    subs = [s.replace("...", letters[width - k:]) for s, k in zip(subs, spans)]
+    joined = "".join(subs)
+    if arrow:
+        rhs = rhs.replace("...", letters)
+    else:  # torch's implicit output: the broadcast letters, then the letters used once, sorted
+        rhs = letters + "".join(sorted(c for c in set(joined) if c not in letters and joined.count(c) == 1))
+    return subs, rhs
 
 
 def scaled_dot_product_attention(ctx, node):
