@@ -16,7 +16,6 @@ are reported. The source graph module is not modified.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -27,6 +27,7 @@ from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, Job, refine, weight_levels
+from pleas_fx.passes.positions import AUTO
 from pleas_fx.passes.statistics import Statistics
 from pleas_fx.passes.weights import WeightPlan
 from pleas_fx.passes.within_axes import realign_b
@@ -275,9 +276,10 @@ def _fill_one(f: _Filler, weights: WeightPlan, solve: str) -> None:
 @dataclass
 class MergedInputOptions:
     """Merged-input least squares: the calibration batches (read at every level), conv
-    positions per sample (None: exact), the random seed of drawn positions, the sums' dtype."""
+    positions per sample (None: exact, a count, or AUTO: passes/positions.py), the random seed of
+    drawn positions, the sums' dtype."""
 
     batches: list
-    positions: int | None = None
+    positions: int | str | None = AUTO
     seed: int = 0
     dtype: torch.dtype = torch.float64

@@ -13,41 +13,41 @@ layers of lower levels. Level by level, each calibration batch advances both sou
 merged model being refined (one per budget: all budgets run in lockstep, the sources once) up
 to the level, and for each layer of the level the running sums of
 
-- E[x~ x~^T] of the merged input alone (im2col patches for a convolution, exact by
-  passes/patch_moments.py with one map, or at `positions` drawn output positions), and
+- E[x~ x~^T] of the merged input alone (im2col patches for a convolution), and
 - E[y~ x~^T], y~ = M_out [y_A; y_B] the layer's merged *target* (the source layers' outputs,
-  a following BatchNorm folded): for a convolution the weight gradient of a convolution with
-  output gradient y~ (one backward convolution, no patches of the sources), and E[y~^2],
+  a following BatchNorm folded), and E[y~^2],
 
-are accumulated in float64. This is all the solve reads (passes/linalg.py `MergedInputs`).
+are accumulated in float64 (passes/merged_sums.py). This is all the solve reads (passes/linalg.py
+`MergedInputs`). With `positions="auto"` a level reads just the leading batches its layers need
+(`level_batches`: a few for the large maps of early layers, all for the small late ones), and
+each convolution just enough drawn positions per sample (passes/positions.py).
 
 Activations between levels: each batch keeps the values still needed after the level (the
 *frontier*) in every network, so the next level runs only the nodes between the two levels
 instead of the whole prefix from the input; batches whose frontiers would exceed `cache_bytes`
-in total are run again from the input. A merged graph in which an in-place op mutates a value
+in total are run again from the input (a batch first read at a later level runs from the input
+up to it, once). A merged graph in which an in-place op mutates a value
 that another node also reads is run in graph order from the input at every level (no frontier).
 """
 from __future__ import annotations
 
+import logging
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from pleas_fx.core.errors import InternalError
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import getattr_path, node_shape
 from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
-from pleas_fx.passes.linalg import MergedInputs
-from pleas_fx.passes.moments import SecondMoments, accumulate_rows
-from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import conv_output_size, patches_at
+from pleas_fx.passes.merged_sums import GroupedSums, Rows, Sums, accumulate, accumulate_grouped
+from pleas_fx.passes.positions import AUTO, LS_ROWS_PER_ENTRY, MIN_ROWS, batch_samples, generator
 
-CHUNK_ROWS = 8192
 # merged-input moments read the leading calibration batches up to this many samples (a few
 # hundred images give every conv layer thousands of rows; the benchmarks calibrate on 500)
 MERGED_INPUT_SAMPLES = 512
@@ -57,18 +57,10 @@ CACHE_BYTES = 2 * 2**30
 # fewer, its measured Gram is rank-deficient and would fit rounding noise: the source-input
 # solution is kept (and the statistics pass keeps that layer's source moments for it)
 MIN_ROWS_PER_INPUT = 2
+log = logging.getLogger(__name__)
 
-
-def batch_samples(batch) -> int:
-    """Samples in a batch: the leading size of its first tensor."""
-    if torch.is_tensor(batch):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        n = batch_samples(item)
-        if n:
-            return n
-    return 0
+# with AUTO positions, every level's moments read at least this many samples (level_batches)
+MIN_LEVEL_SAMPLES = 128
 
 
 def leading_batches(batches: Iterable, samples: int = MERGED_INPUT_SAMPLES) -> list:
@@ -229,99 +221,33 @@ def _bytes(states: list[_State | None]) -> int:
     return total
 
 
-@dataclass
-class _Sums:
-    """Running sums for one layer of one merged model: x~ (gram), y~ x~^T (cross), y~, y~^2."""
-
-    gram: SecondMoments
-    cross: torch.Tensor
-    sum_y: torch.Tensor
-    sq_y: torch.Tensor
-
-    def mean(self) -> MergedInputs:
-        n = max(self.gram.count, 1)
-        m = self.gram.dim_a
-        cross = torch.cat([self.cross, self.sum_y[:, None]], 1) / n  # E[y~ [x~; 1]^T]
-        return MergedInputs(self.gram.mean()[: m + 1, : m + 1], cross, self.sq_y / n)
-
-
-@dataclass
-class _GroupedSums:
-    """Running sums of a grouped convolution, one `_Sums` per merged conv group over that group's
-    own input channels (the layer's input Gram is block-diagonal: only its diagonal blocks)."""
-
-    parts: list[_Sums]
-
-    @property
-    def gram(self) -> SecondMoments:  # rows and input width, the same in every conv group
-        return self.parts[0].gram
-
-    def mean(self) -> list[MergedInputs]:
-        return [p.mean() for p in self.parts]
-
-
-def _accumulate_grouped(acc: _GroupedSums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, per_in: int,
-                        positions: int | None, gen: torch.Generator, dtype) -> _GroupedSums:
-    """`_accumulate` for a grouped convolution: conv group f of the merged layer reads input
-    channels [f per_in, (f + 1) per_in) and writes its share of the output channels."""
-    groups = xm.shape[1] // per_in
-    per_out = y.shape[1] // groups
-    parts = acc.parts if acc is not None else [None] * groups
-    for f in range(groups):
-        parts[f] = _accumulate(parts[f], w, xm[:, f * per_in:(f + 1) * per_in], y[:, f * per_out:(f + 1) * per_out],
-                               positions, gen, dtype)
-    return _GroupedSums(parts)
-
-
-def _accumulate(acc: _Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, positions: int | None,
-                gen: torch.Generator, dtype) -> _Sums:
-    """Add one batch: xm the merged input, y the merged target (channels on axis 1 for a
-    convolution, last for a linear layer)."""
-    work = torch.promote_types(xm.dtype, torch.float32)
-    xm, y = xm.to(work), y.to(work)
-    if w.kind == "linear":
-        fm, fy = xm.reshape(-1, xm.shape[-1]), y.reshape(-1, y.shape[-1])
-    else:
-        if xm.dim() == 3:  # conv1d: a conv2d of height 1
-            xm, y = xm.unsqueeze(2), y.unsqueeze(2)
-        fm = None
-    if acc is None:
-        m = xm.shape[-1] if w.kind == "linear" else xm.shape[1] * w.taps
-        c_out = y.shape[-1] if w.kind == "linear" else y.shape[1]
-        z = lambda *s: torch.zeros(*s, dtype=dtype, device=xm.device)
-        acc = _Sums(SecondMoments.zeros(m, 0, dtype, xm.device), z(c_out, m), z(c_out), z(c_out))
-    if fm is not None:
-        for start in range(0, fm.shape[0], CHUNK_ROWS):
-            a, b = fm[start:start + CHUNK_ROWS], fy[start:start + CHUNK_ROWS]
-            accumulate_rows(acc.gram, a.T, a.new_zeros(0, a.shape[0]))
-            acc.cross += (b.T @ a).to(dtype)
-            acc.sum_y += b.sum(0).to(dtype)
-            acc.sq_y += (b * b).sum(0).to(dtype)
-        return acc
-    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in w.padding)
-    out_h, out_w = (conv_output_size(xm.shape[2 + i], w.kernel[i], w.stride[i], *pads[i], w.dilation[i])
-                    for i in range(2))
-    if positions is None or positions >= out_h * out_w:
-        acc.sum_y += y.sum((0, 2, 3)).to(dtype)
-        acc.sq_y += (y * y).sum((0, 2, 3)).to(dtype)
-        conv_patch_sums(xm, None, w.kernel, w.stride, pads, w.dilation, out=acc.gram)
-        (pt, pb), (pl, pr) = pads
-        xp = F.pad(xm, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xm
-        grad = torch.nn.grad.conv2d_weight(xp, (y.shape[1], xm.shape[1], *w.kernel), y, w.stride,
-                                           (pt, pl) if (pt, pl) == (pb, pr) else 0, w.dilation)
-        acc.cross += grad.reshape(grad.shape[0], -1).to(dtype)  # F.unfold's order: channel, then taps
-        return acc
-    step = max(1, CHUNK_ROWS // positions)
-    for start in range(0, xm.shape[0], step):
-        idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xm.device)
-        pm = patches_at(w, xm[start:start + step], pads, idx, out_w)  # (n, D, P)
-        py = y[start:start + step].flatten(2)[:, :, idx]  # (n, c_out, P)
-        a, b = pm.transpose(0, 1).reshape(pm.shape[1], -1), py.transpose(0, 1).reshape(py.shape[1], -1)
-        accumulate_rows(acc.gram, a, a.new_zeros(0, a.shape[1]))
-        acc.cross += (b @ a.T).to(dtype)
-        acc.sum_y += b.sum(1).to(dtype)
-        acc.sq_y += (b * b).sum(1).to(dtype)
-    return acc
+def level_batches(level: list[WeightNode], gm_a: fx.GraphModule, batches: list, positions, world_size: int = 1
+                  ) -> int:
+    """How many leading batches a level's moments read. With AUTO positions, just enough samples
+    for each layer's rows (passes/positions.py) at every output position of the widest merged
+    input (2 x its per-model input entries; from the shapes of model A's graph), at least
+    MIN_LEVEL_SAMPLES and one batch per process: the early levels of an image network, where each
+    sample gives thousands of positions, read a few batches, so the frontiers kept between levels
+    stay small and no batch is run again from the input. Otherwise every batch."""
+    if positions != AUTO:
+        return len(batches)
+    nodes = {n.name: n for n in gm_a.graph.nodes}
+    need = MIN_LEVEL_SAMPLES
+    for w in level:
+        shape = node_shape(nodes[w.node]) if w.node in nodes else None
+        try:
+            dim = getattr_path(gm_a, w.weight)[0].numel()  # per-model input entries of one output
+        except (AttributeError, IndexError, TypeError):
+            return len(batches)
+        if not isinstance(shape, torch.Size) or len(shape) < 2:
+            return len(batches)
+        per = math.prod(shape[2:]) if w.kind != "linear" else math.prod(shape[1:-1])
+        need = max(need, math.ceil(max(MIN_ROWS, LS_ROWS_PER_ENTRY * 2 * dim) / max(per, 1)))
+    used, seen = 0, 0
+    while used < len(batches) and (seen < need or used < world_size):
+        seen += batch_samples(batches[used])
+        used += 1
+    return used
 
 
 @dataclass
@@ -331,16 +257,17 @@ class Job:
 
     merged: fx.GraphModule
     target: Callable[[WeightNode, torch.Tensor, torch.Tensor], torch.Tensor]
-    solve: Callable[[WeightNode, "_Sums | _GroupedSums"], None]
+    solve: Callable[[WeightNode, "Sums | GroupedSums"], None]
 
 
 @torch.no_grad()
 def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: list[list[WeightNode]],
-           batches: list, *, positions: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float64,
+           batches: list, *, positions: int | str | None = AUTO, seed: int = 0, dtype: torch.dtype = torch.float64,
            cache_bytes: int | None = None) -> None:
     """Merged-input least squares for every job, level by level (`levels`: weight_levels of model
     A's graph), all jobs in lockstep over `batches` (this rank's share under torch.distributed,
-    the sums all-reduced). `cache_bytes`: the frontier budget (None: CACHE_BYTES)."""
+    the sums all-reduced). `positions`: the conv positions each layer's moments read (None: all;
+    passes/positions.py). `cache_bytes`: the frontier budget (None: CACHE_BYTES)."""
     cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
     level_of = {w.node: k for k, level in enumerate(levels) for w in level}
     b_names = {na.name: nb.name for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}  # same architecture
@@ -353,14 +280,20 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     renamed = [{old: new for new, old in job.merged.meta.get("block_nodes", {}).items()} for job in jobs]
     per_in = {w.node: int(getattr_path(gm_a, w.weight).shape[1]) for level in levels for w in level
               if w.kind == "grouped"}  # input channels per conv group
+    rank, world_size = world()
     mine = list(sharded(batches))
     states: list[list[_State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
-    gens = [torch.Generator().manual_seed(seed) for _ in jobs]
     for k, level in enumerate(levels):
         names = {w.node: w.node for w in level}
-        sums: list[dict[str, _Sums]] = [{} for _ in jobs]
-        kept = 0
-        for i, args in enumerate(mine):
+        sums: list[dict[str, Sums]] = [{} for _ in jobs]
+        used = level_batches(level, gm_a, batches, positions, world_size)
+        samples = sum(batch_samples(b) for b in batches[:used])
+        mine_used = sum(rank + i * world_size < used for i in range(len(mine)))
+        kept = _bytes([s for st in states[mine_used:] for s in st])  # held by batches this level skips
+        log.debug("merged-input least squares, level %d (%s): %d of %d batches, %d run from the input, %.2f GiB "
+                  "held", k, ", ".join(w.node for w in level), used, len(batches),
+                  sum(st[0] is None for st in states[:mine_used]), kept / 2**30)
+        for i, args in enumerate(mine[:mine_used]):  # (the others join a later level, from their state)
             st = states[i]
             st[0], _, ya = sources[0].advance(st[0], args, k, {}, names)
             st[1], _, yb = sources[1].advance(st[1], args, k, {}, {b_names[n]: n for n in names})
@@ -368,19 +301,19 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
                 st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {})
                 for w in level:
                     target, prev = job.target(w, ya[w.node], yb[w.node]), sums[j].get(w.node)
+                    rows = Rows(positions, samples, generator(seed, rank + i * world_size, w.node))
                     if w.kind == "grouped":
-                        sums[j][w.node] = _accumulate_grouped(prev, w, xm[w.node], target, per_in[w.node], positions,
-                                                              gens[j], dtype)
+                        sums[j][w.node] = accumulate_grouped(prev, w, xm[w.node], target, per_in[w.node], rows, dtype)
                     else:
-                        sums[j][w.node] = _accumulate(prev, w, xm[w.node], target, positions, gens[j], dtype)
-            size = _bytes(st)
-            if kept + size > cache_bytes:
+                        sums[j][w.node] = accumulate(prev, w, xm[w.node], target, rows, dtype)
+            held = _bytes(st)
+            if kept + held > cache_bytes:
                 states[i] = [None] * len(st)  # run again from the input at the next level
             else:
-                kept += size
-        if world()[1] > 1:
+                kept += held
+        if world_size > 1:
             flat = [p for per_job in sums for s in (per_job[w.node] for w in level)
-                    for p in (s.parts if isinstance(s, _GroupedSums) else [s])]
+                    for p in (s.parts if isinstance(s, GroupedSums) else [s])]
             tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
             for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
                 s.gram.count = c

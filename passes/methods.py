@@ -24,7 +24,6 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn

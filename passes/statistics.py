@@ -22,20 +22,21 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from pleas_fx.core.errors import DataError
 from pleas_fx.core.ir import Site, WeightNode
 from pleas_fx.core.progress import progress_bar
 from pleas_fx.passes.distributed import all_reduce_sums, shard_total, sharded, world
-from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, batch_samples
+from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
 from pleas_fx.passes.patch_plan import conv_output_size, patches_at
+from pleas_fx.passes.positions import (AUTO, SITE_ROWS_PER_ENTRY, batch_samples, draw, generator, per_sample,
+                                       total_samples)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
     """Add a weight node's inputs in A and B, as its weights see them, to its running sums:
     the rows of a Linear's input, or a convolution's im2col patches. Convolutions use every
     output position, summed exactly without im2col (passes/patch_moments.py); with `positions`
-    set, that many output positions per sample are drawn at random instead (the same ones in
+    set, that many output positions per sample are drawn from `gen` instead (the same ones in
     A and B) and gathered."""
     if node.kind == "linear":
         fa, fb = xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])
@@ -79,40 +80,48 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
         return
     if xa.dim() == 3:  # conv1d: a conv2d of height 1
         xa, xb = xa.unsqueeze(2), xb.unsqueeze(2)
-    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in node.padding)  # (before, after) per axis
-    out_h, out_w = (conv_output_size(xa.shape[2 + i], node.kernel[i], node.stride[i], *pads[i], node.dilation[i])
-                    for i in range(2))
+    pads = _pads(node)
+    out_h, out_w = _out_size(node, xa)
     if positions is None or positions >= out_h * out_w:
         conv_patch_sums(xa, xb, node.kernel, node.stride, pads, node.dilation, out=acc)
         return
     step = max(1, GRAM_CHUNK_ROWS // positions)
     for start in range(0, xa.shape[0], step):
-        idx = torch.randperm(out_h * out_w, generator=gen)[:positions].to(xa.device)
+        idx = draw(gen, out_h * out_w, positions, xa.device)
         ca, cb = (patches_at(node, x[start:start + step], pads, idx, out_w) for x in (xa, xb))
         accumulate_rows(acc, ca.transpose(0, 1).reshape(ca.shape[1], -1), cb.transpose(0, 1).reshape(cb.shape[1], -1))
 
 
-def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis: int, dtype) -> None:
-    """Add E[z_A z_B^T] and the squares, every axis but ``axis`` taken as samples. The leading
-    axes before ``axis`` are a batch of products (bmm over views, no copy of the activations)."""
+def _pads(node: WeightNode) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A convolution's (before, after) zero padding per spatial axis."""
+    return tuple(p if isinstance(p, tuple) else (p, p) for p in node.padding)
+
+
+def _out_size(node: WeightNode, x: torch.Tensor) -> tuple[int, int]:
+    """A 2-D convolution's output height and width for input x (N, C, H, W)."""
+    pads = _pads(node)
+    return tuple(conv_output_size(x.shape[2 + i], node.kernel[i], node.stride[i], *pads[i], node.dilation[i])
+                 for i in range(2))
+
+
+def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis: int, dtype,
+                     keep: float = 1.0, gen: torch.Generator | None = None) -> None:
+    """Add E[z_A z_B^T] and the squares, every axis but ``axis`` taken as samples: products of
+    (features, rows) chunks, GRAM_CHUNK_ROWS rows at a time. ``keep`` < 1: only that share of
+    the positions after the axis (of the rows before it, when none follow) is read, drawn from
+    ``gen``, the same in A and B."""
     work = torch.promote_types(torch.promote_types(za.dtype, zb.dtype), torch.float32)
     axis = axis % za.dim()
     d = za.shape[axis]
-    if acc.aa is None and axis < za.dim() - 1 and za.dtype == work and zb.dtype == work:
-        # (lead, d, rest) views: one bmm per chunk of leading rows, products summed over them
-        a, b = za.reshape(-1, d, za[(0,) * axis].numel() // d), zb.reshape(-1, d, zb[(0,) * axis].numel() // d)
-        step = max(1, GRAM_CHUNK_ROWS // max(a.shape[2], 1))
-        for start in range(0, a.shape[0], step):
-            ca, cb = a[start:start + step], b[start:start + step]
-            acc.cross += torch.bmm(ca, cb.transpose(1, 2)).sum(0).to(dtype)
-            acc.sq_a += (ca * ca).sum((0, 2)).to(dtype)
-            acc.sq_b += (cb * cb).sum((0, 2)).to(dtype)
-        acc.count += a.shape[0] * a.shape[2]
-        return
-    a = za.movedim(axis, 0).reshape(d, -1).to(work)  # (features, samples); one copy at most
-    b = zb.movedim(axis, 0).reshape(d, -1).to(work)
-    for start in range(0, a.shape[1], GRAM_CHUNK_ROWS):
-        ca, cb = a[:, start:start + GRAM_CHUNK_ROWS], b[:, start:start + GRAM_CHUNK_ROWS]
+    lead, rest = math.prod(za.shape[:axis]), math.prod(za.shape[axis + 1:])
+    a, b = za.reshape(lead, d, rest), zb.reshape(lead, d, rest)
+    if keep < 1.0:
+        along = 2 if rest > 1 else 0
+        idx = draw(gen, a.shape[along], math.ceil(keep * a.shape[along]), a.device)
+        a, b = a.index_select(along, idx), b.index_select(along, idx)
+    step = max(1, GRAM_CHUNK_ROWS // max(a.shape[2], 1))
+    for start in range(0, a.shape[0], step):  # (features, rows) chunks: one copy of a few thousand rows
+        ca, cb = (z[start:start + step].transpose(0, 1).reshape(d, -1).to(work) for z in (a, b))
         acc.cross += (ca @ cb.T).to(dtype)
         acc.sq_a += (ca * ca).sum(1).to(dtype)
         acc.sq_b += (cb * cb).sum(1).to(dtype)
@@ -121,7 +130,7 @@ def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis:
             acc.bb += (cb @ cb.T).to(dtype)
             acc.sum_a += ca.sum(1).to(dtype)
             acc.sum_b += cb.sum(1).to(dtype)
-    acc.count += a.shape[1]
+        acc.count += ca.shape[1]
 
 
 class _Lockstep(fx.Interpreter):
@@ -158,49 +167,50 @@ class _Lockstep(fx.Interpreter):
 
 
 class _Collector:
-    """The probes of one statistics pass and their running sums."""
+    """The probes of one statistics pass and their running sums. `positions`: None (every
+    position), a count per sample, or AUTO (passes/positions.py, over `samples` samples)."""
 
-    def __init__(self, weights: list[WeightNode], sites: list[Site], dtype, positions, gen, device, full_sites,
-                 refined_samples: int | None = None):
+    def __init__(self, weights: list[WeightNode], sites: list[Site], dtype, positions, seed: int, device, full_sites,
+                 samples: int | None = None, refined_samples: int | None = None):
         self.weights = {w.node: w for w in weights}
-        self.refined_samples = refined_samples
+        self.refined_samples, self.samples = refined_samples, samples
         self.batch_samples = 0  # samples of the batch being run
+        self.batch_index = 0  # its index in the calibration data (all ranks')
         self.sites: dict[str, list[Site]] = {}
         for site in sites:
             self.sites.setdefault(site.node, []).append(site)
-        self.dtype, self.positions, self.gen, self.device, self.full_sites = dtype, positions, gen, device, full_sites
+        self.dtype, self.positions, self.seed, self.device, self.full_sites = dtype, positions, seed, device, full_sites
         self.stats = Statistics()
 
     def weight_inputs(self, probe: WeightNode, xa: torch.Tensor, xb: torch.Tensor) -> None:
         if probe.node in self.stats.deferred:
             return
         acc = self.stats.least_squares.get(probe.node)
+        dim = xa.shape[-1] if probe.kind == "linear" else xa.shape[1] * probe.taps
         if acc is None:
-            dim = xa.shape[-1] if probe.kind == "linear" else xa.shape[1] * probe.taps
             if self._defer(probe, xa, dim):
                 self.stats.deferred.add(probe.node)
                 return
             acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(dim, dim, self.dtype, self.device)
-        accumulate_inputs(acc, probe, xa, xb, self.positions, self.gen)
+        count = None
+        if probe.kind != "linear":
+            count = per_sample(self.positions, 2 * dim + 1, self.samples, math.prod(_out_size(probe, _as_2d(xa))))
+        accumulate_inputs(acc, probe, xa, xb, count, generator(self.seed, self.batch_index, probe.node))
 
     def _defer(self, probe: WeightNode, xa: torch.Tensor, dim: int) -> bool:
         """Whether merged-input least squares will re-solve this layer from its own rows at every
         budget: the refinement's samples give at least MIN_ROWS_PER_INPUT rows per entry of the
         widest merged input (2 dim + 1; for a grouped conv the whole input's, more than any one
-        conv group reads). Rows per sample from this batch."""
+        conv group reads), with the positions it will draw. Rows per sample from this batch."""
         if self.refined_samples is None or self.batch_samples <= 0:
             return False
         if probe.kind == "linear":
-            rows = xa.numel() // max(xa.shape[-1], 1)
+            per = xa.numel() // max(xa.shape[-1], 1) / self.batch_samples
         else:
-            x = xa.unsqueeze(2) if xa.dim() == 3 else xa
-            pads = tuple(p if isinstance(p, tuple) else (p, p) for p in probe.padding)
-            rows = x.shape[0] * math.prod(
-                conv_output_size(x.shape[2 + i], probe.kernel[i], probe.stride[i], *pads[i], probe.dilation[i])
-                for i in range(2))
-            if self.positions is not None:
-                rows = min(rows, x.shape[0] * self.positions)
-        return rows * self.refined_samples >= MIN_ROWS_PER_INPUT * (2 * dim + 1) * self.batch_samples
+            per = math.prod(_out_size(probe, _as_2d(xa))) * xa.shape[0] / self.batch_samples
+            drawn = per_sample(self.positions, 2 * dim, self.refined_samples, math.ceil(per))
+            per = per if drawn is None else min(per, drawn)
+        return per * self.refined_samples >= MIN_ROWS_PER_INPUT * (2 * dim + 1)
 
     def site_values(self, site: Site, za: torch.Tensor, zb: torch.Tensor) -> None:
         axis = site.axis
@@ -209,14 +219,24 @@ class _Collector:
         if site.within_axis is not None:  # units x within entries, as one axis
             za, zb = (z.movedim((site.axis, site.within_axis), (-2, -1)).flatten(-2) for z in (za, zb))
             axis = -1
+        d = za.shape[axis]
         acc = self.stats.sites.get(site.key)
         if acc is None:
-            d = za.shape[axis]
             zeros = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)
             acc = self.stats.sites[site.key] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
             if self.full_sites:
                 acc.aa, acc.bb, acc.sum_a, acc.sum_b = zeros(d, d), zeros(d, d), zeros(d), zeros(d)
-        _accumulate_site(acc, za, zb, axis, self.dtype)
+        keep = 1.0
+        if self.positions == AUTO and self.batch_samples > 0:  # rows drawn as positions per sample are
+            rows = za.numel() // max(d, 1) / self.batch_samples
+            drawn = per_sample(AUTO, d, self.samples, math.ceil(rows), SITE_ROWS_PER_ENTRY)
+            keep = 1.0 if drawn is None else drawn / rows
+        _accumulate_site(acc, za, zb, axis, self.dtype, keep, generator(self.seed, self.batch_index, repr(site.key)))
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    """A conv1d input (N, C, W) as a conv2d's of height 1."""
+    return x.unsqueeze(2) if x.dim() == 3 else x
 
 
 def collect_statistics(
@@ -229,7 +249,7 @@ def collect_statistics(
     dtype: torch.dtype = torch.float64,
     progress: bool | None = None,
     total: int | None = None,
-    positions: int | None = None,
+    positions: int | str | None = None,
     seed: int = 0,
     full_sites: bool = False,
     refined_samples: int | None = None,
@@ -239,22 +259,23 @@ def collect_statistics(
     ``weights``: the solved weight nodes (second moments of their stacked inputs).
     ``positions``: for convolutions, use at most this many randomly drawn output positions
     per sample (drawn anew for each chunk of samples) in the least-squares moments (None: all,
-    exactly).
+    exactly); AUTO: as many as each moment needs (passes/positions.py), at the matching sites
+    too, when the batches are a list (their samples known; otherwise every position).
     ``full_sites``: also accumulate each site's within-model moments and sums (ZipIt! matching).
     ``refined_samples``: the samples merged-input least squares will read (None: no refinement):
     probes it can replace are deferred to it (`Statistics.deferred`, module docstring).
     ``progress``: a tqdm bar (None: only when stderr is a terminal).
     """
     device = next((p.device for p in gm_a.parameters()), torch.device("cpu"))
-    collector = _Collector(weights, sites, dtype, positions, torch.Generator().manual_seed(seed), device, full_sites,
+    collector = _Collector(weights, sites, dtype, positions, seed, device, full_sites, total_samples(batches),
                            refined_samples)
     lockstep = _Lockstep(gm_a, gm_b, collector)
     stats = collector.stats
     rank, size = world()
     with torch.no_grad():
-        for args in progress_bar(sharded(batches), progress, total=shard_total(total), desc="pleas_fx statistics",
-                                 unit="batch"):
-            collector.batch_samples = batch_samples(args)
+        for i, args in enumerate(progress_bar(sharded(batches), progress, total=shard_total(total),
+                                              desc="pleas_fx statistics", unit="batch")):
+            collector.batch_samples, collector.batch_index = batch_samples(args), rank + i * size
             lockstep.run(*args)
             stats.batches += 1
             stats.samples += int(args[0].shape[0]) if torch.is_tensor(args[0]) else 0

@@ -53,7 +53,7 @@ def merge(
     ridge: float = 1e-4,
     max_ls_dim: int = 10_000,
     stats_dtype: torch.dtype = torch.float64,
-    positions: int | None = None,
+    positions: int | str | None = "auto",
     progress: bool | None = None,
     seed: int = 0,
     allocation: str = "highs",
@@ -105,10 +105,14 @@ def merge(
         max_ls_dim: weight nodes whose stacked input is larger are mapped, not solved.
         stats_dtype: dtype of the running statistics sums (float64; products are taken in
             the activations' precision, a few thousand rows at a time).
-        positions: None (default): convolution statistics sum every output position exactly,
-            as cross-correlations of the feature maps at the kernel's tap offsets (no im2col;
-            passes/patch_moments.py). An integer: that many randomly drawn output positions per
-            sample, gathered as im2col patches (cost positions x (2 x patch size)^2 per sample).
+        positions: "auto" (default): each convolution's moments, and each matching site's, read
+            just enough randomly drawn output positions per sample for their size (at least 32
+            rows per least-squares input entry, 16 per site feature, 32,768 rows; every
+            position of smaller maps; passes/positions.py), so large early maps cost no more
+            than small late ones. None: every output position, summed exactly as
+            cross-correlations of the feature maps at the kernel's tap offsets (no im2col;
+            passes/patch_moments.py). An integer: that many drawn positions per sample for the
+            least-squares moments (sites read every position).
         progress: a tqdm progress bar for the data pass: True always, False never, None (default)
             only when stderr is a terminal.
         allocation: "highs" (default) chooses every group's width by a MIP solved with HiGHS

@@ -12,6 +12,7 @@ from pleas_fx.passes.allocate import AllocationOptions
 from pleas_fx.passes.compact import EMITS
 from pleas_fx.passes.heads import HEADS
 from pleas_fx.passes.methods import FROZEN_POLICIES, Method, get_method, resolve_matching
+from pleas_fx.passes.positions import AUTO
 
 GENERATED = ("gaussian", "procedural")
 LAYERNORMS = ("per_model", "shared")  # LayerNorm over a widened axis: each model's features apart, or one
@@ -49,7 +50,7 @@ class MergeOptions:
     ridge: float
     max_ls_dim: int
     stats_dtype: torch.dtype
-    positions: int | None
+    positions: int | str | None
     progress: bool | None
     seed: int
     allocation: AllocationOptions
@@ -62,7 +63,7 @@ class MergeOptions:
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
                   repair: bool | None = None, matching: str | None = None, max_batches: int | None = None,
                   generated_batches_count: int = 8, ridge: float = 1e-4, max_ls_dim: int = 10_000,
-                  stats_dtype: torch.dtype = torch.float64, positions: int | None = None,
+                  stats_dtype: torch.dtype = torch.float64, positions: int | str | None = AUTO,
                   progress: bool | None = None, seed: int = 0, allocation: str = "highs",
                   budget_metric: str = "params", width_grid: int | Sequence[float] = 8,
                   allocation_time_limit: float = 10.0, proxy: str = "cost",
@@ -92,9 +93,11 @@ class MergeOptions:
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
-                                 ("max_ls_dim", max_ls_dim, 1), ("positions", positions, 1)):
+                                 ("max_ls_dim", max_ls_dim, 1),
+                                 ("positions", None if positions == AUTO else positions, 1)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise PleasError(f"{name} must be a positive integer, got {value!r}")
+                also = ' or "auto"' if name == "positions" else ""
+                raise PleasError(f"{name} must be a positive integer{also}, got {value!r}")
         if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not (math.isfinite(ridge) and ridge >= 0):
             raise PleasError(f"ridge must be a finite number >= 0, got {ridge!r}")
         return cls(

@@ -420,6 +420,11 @@ def plot(out: dict, args, path: Path) -> None:
     plt.close(fig)
 
 
+def _positions(text: str):
+    """--positions: "auto", "all" (every position) or a count per sample."""
+    return None if text == "all" else text if text == "auto" else int(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, ResNet only, 3 epochs (~3 min)")
@@ -430,7 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--calib", type=int, default=500, help="calibration images (batches of 100)")
-    p.add_argument("--positions", type=int, default=64, help="merge(positions=...): conv positions per sample")
+    p.add_argument("--positions", type=_positions, default="auto",
+                   help='merge(positions=...): "auto" (the default), "all" (None: every position) or a count per sample')
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="outputs/bench_methods", help="folder for the table (.md) and plot (.png)")
     args = p.parse_args(argv)

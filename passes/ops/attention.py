@@ -75,7 +75,6 @@ def einsum(ctx, node):
     if explicit is None:
         return unknown(ctx, node, "contraction", "einsum", repr(equation))
     subs, rhs = explicit
-    lhs = ",".join(subs)
     lays = [ctx.layouts(o) for o in operands]
     shapes = [list(ctx.shape(o)) for o in operands]
     if len(subs) != len(operands) or any(len(sub) != len(lay) or len(set(sub)) != len(sub) for sub, lay in zip(subs, lays)):

@@ -91,10 +91,6 @@ def _grouped(ctx, x, groups, c_in, c_out, weight, kernel_axes):
             in_axis = ctx.unify(in_axis, other)
     ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
     return out_ch
-    out_ch = (Segment(lay[0].group, groups, cout_g, 1, w_out),)
-    in_axis = (Segment(w_in, cin_g),) if w_in is not None else ctx.fresh(1, "size-1")
-    ctx.param(weight, [out_ch, in_axis, *kernel_axes], ["out", "in"] + ["out"] * len(kernel_axes))
-    return out_ch
 
 
 def conv_module(ctx, node):

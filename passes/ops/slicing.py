@@ -13,7 +13,6 @@ import torch
 import torch.fx as fx
 
 from pleas_fx.core.fxutil import node_shape
-from pleas_fx.core.ir import Layout
 from pleas_fx.passes.layout_ops import TupleLayouts, slice_layout
 from pleas_fx.passes.ops.common import arg, is_attr, set_arg, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op

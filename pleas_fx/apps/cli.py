@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from pleas_fx.apps.evaluation import EvaluationError, budget_dir, evaluate, plot_accuracy
 from pleas_fx.core.errors import one_line

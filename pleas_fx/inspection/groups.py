@@ -16,9 +16,8 @@ import torch
 import torch.fx as fx
 
 from pleas_fx.core.errors import TraceError, one_line
-from pleas_fx.core.fxutil import getattr_path
 from pleas_fx.core.inputs import as_args
-from pleas_fx.core.ir import Group, GroupSpec, Layout
+from pleas_fx.core.ir import GroupSpec, Layout
 from pleas_fx.inspection.report import (
     DEFAULT_TOLERANCE, CheckResult, FrozenEntry, FrozenReason, GroupEntry, GroupReport, ParamEntry, SiteEntry,
     WithinEntry,

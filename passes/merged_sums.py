@@ -1,0 +1,126 @@
+"""Running sums of merged-input least squares (passes/merged_inputs.py), one layer of one merged
+model at a time: E[x~ x~^T] of the merged input (im2col patches for a convolution: exact by
+passes/patch_moments.py with one map, or at drawn output positions, passes/positions.py),
+E[y~ x~^T] against the merged target y~ (for a convolution at every position: the weight
+gradient of a convolution with output gradient y~, one backward convolution) and E[y~^2],
+summed in float64. A grouped convolution keeps one set per conv group, over its own inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pleas_fx.core.ir import WeightNode
+from pleas_fx.passes.linalg import MergedInputs
+from pleas_fx.passes.moments import SecondMoments, accumulate_rows
+from pleas_fx.passes.patch_moments import conv_patch_sums
+from pleas_fx.passes.patch_plan import conv_output_size, patches_at
+from pleas_fx.passes.positions import draw, per_sample
+
+CHUNK_ROWS = 8192  # rows per low-precision product before the float64 sum
+
+
+@dataclass
+class Sums:
+    """Running sums for one layer of one merged model: x~ (gram), y~ x~^T (cross), y~, y~^2."""
+
+    gram: SecondMoments
+    cross: torch.Tensor
+    sum_y: torch.Tensor
+    sq_y: torch.Tensor
+
+    def mean(self) -> MergedInputs:
+        n = max(self.gram.count, 1)
+        m = self.gram.dim_a
+        cross = torch.cat([self.cross, self.sum_y[:, None]], 1) / n  # E[y~ [x~; 1]^T]
+        return MergedInputs(self.gram.mean()[: m + 1, : m + 1], cross, self.sq_y / n)
+
+
+@dataclass
+class GroupedSums:
+    """Running sums of a grouped convolution, one `Sums` per merged conv group over that group's
+    own input channels (the layer's input Gram is block-diagonal: only its diagonal blocks)."""
+
+    parts: list[Sums]
+
+    @property
+    def gram(self) -> SecondMoments:  # rows and input width, the same in every conv group
+        return self.parts[0].gram
+
+    def mean(self) -> list[MergedInputs]:
+        return [p.mean() for p in self.parts]
+
+
+def accumulate_grouped(acc: GroupedSums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, per_in: int,
+                        rows: "Rows", dtype) -> GroupedSums:
+    """`_accumulate` for a grouped convolution: conv group f of the merged layer reads input
+    channels [f per_in, (f + 1) per_in) and writes its share of the output channels."""
+    groups = xm.shape[1] // per_in
+    per_out = y.shape[1] // groups
+    parts = acc.parts if acc is not None else [None] * groups
+    for f in range(groups):
+        parts[f] = accumulate(parts[f], w, xm[:, f * per_in:(f + 1) * per_in], y[:, f * per_out:(f + 1) * per_out],
+                               rows, dtype)
+    return GroupedSums(parts)
+
+
+@dataclass
+class Rows:
+    """Which output positions a batch's convolution moments read: `positions` (None, a count per
+    sample or AUTO over `samples` samples; passes/positions.py), drawn from `gen`."""
+
+    positions: int | str | None
+    samples: int
+    gen: torch.Generator
+
+
+def accumulate(acc: Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, rows: Rows, dtype) -> Sums:
+    """Add one batch: xm the merged input, y the merged target (channels on axis 1 for a
+    convolution, last for a linear layer)."""
+    work = torch.promote_types(xm.dtype, torch.float32)
+    xm, y = xm.to(work), y.to(work)
+    if w.kind == "linear":
+        fm, fy = xm.reshape(-1, xm.shape[-1]), y.reshape(-1, y.shape[-1])
+    else:
+        if xm.dim() == 3:  # conv1d: a conv2d of height 1
+            xm, y = xm.unsqueeze(2), y.unsqueeze(2)
+        fm = None
+    if acc is None:
+        m = xm.shape[-1] if w.kind == "linear" else xm.shape[1] * w.taps
+        c_out = y.shape[-1] if w.kind == "linear" else y.shape[1]
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=xm.device)
+        acc = Sums(SecondMoments.zeros(m, 0, dtype, xm.device), z(c_out, m), z(c_out), z(c_out))
+    if fm is not None:
+        for start in range(0, fm.shape[0], CHUNK_ROWS):
+            a, b = fm[start:start + CHUNK_ROWS], fy[start:start + CHUNK_ROWS]
+            accumulate_rows(acc.gram, a.T, a.new_zeros(0, a.shape[0]))
+            acc.cross += (b.T @ a).to(dtype)
+            acc.sum_y += b.sum(0).to(dtype)
+            acc.sq_y += (b * b).sum(0).to(dtype)
+        return acc
+    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in w.padding)
+    out_h, out_w = (conv_output_size(xm.shape[2 + i], w.kernel[i], w.stride[i], *pads[i], w.dilation[i])
+                    for i in range(2))
+    positions = per_sample(rows.positions, acc.gram.dim_a, rows.samples, out_h * out_w)
+    if positions is None:
+        acc.sum_y += y.sum((0, 2, 3)).to(dtype)
+        acc.sq_y += (y * y).sum((0, 2, 3)).to(dtype)
+        conv_patch_sums(xm, None, w.kernel, w.stride, pads, w.dilation, out=acc.gram)
+        (pt, pb), (pl, pr) = pads
+        xp = F.pad(xm, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xm
+        grad = torch.nn.grad.conv2d_weight(xp, (y.shape[1], xm.shape[1], *w.kernel), y, w.stride,
+                                           (pt, pl) if (pt, pl) == (pb, pr) else 0, w.dilation)
+        acc.cross += grad.reshape(grad.shape[0], -1).to(dtype)  # F.unfold's order: channel, then taps
+        return acc
+    step = max(1, CHUNK_ROWS // positions)
+    for start in range(0, xm.shape[0], step):
+        idx = draw(rows.gen, out_h * out_w, positions, xm.device)
+        pm = patches_at(w, xm[start:start + step], pads, idx, out_w)  # (n, D, P)
+        py = y[start:start + step].flatten(2)[:, :, idx]  # (n, c_out, P)
+        a, b = pm.transpose(0, 1).reshape(pm.shape[1], -1), py.transpose(0, 1).reshape(py.shape[1], -1)
+        accumulate_rows(acc.gram, a, a.new_zeros(0, a.shape[1]))
+        acc.cross += (b @ a.T).to(dtype)
+        acc.sum_y += b.sum(1).to(dtype)
+        acc.sq_y += (b * b).sum(1).to(dtype)
+    return acc
