@@ -15,7 +15,7 @@ from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.linalg import MergedInputs
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import conv_output_size, patches_at
+from pleas_fx.passes.patch_plan import conv_output_size, exact_is_cheaper, patches_at
 from pleas_fx.passes.positions import draw, per_sample
 
 CHUNK_ROWS = 8192  # rows per low-precision product before the float64 sum
@@ -103,7 +103,8 @@ def accumulate(acc: Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tenso
     out_h, out_w = (conv_output_size(xm.shape[2 + i], w.kernel[i], w.stride[i], *pads[i], w.dilation[i])
                     for i in range(2))
     positions = per_sample(rows.positions, acc.gram.dim_a, rows.samples, out_h * out_w)
-    if positions is None:
+    if positions is None or exact_is_cheaper(xm.shape, w.kernel, w.stride, pads, w.dilation, positions,
+                                             device=xm.device):
         acc.sum_y += y.sum((0, 2, 3)).to(dtype)
         acc.sq_y += (y * y).sum((0, 2, 3)).to(dtype)
         conv_patch_sums(xm, None, w.kernel, w.stride, pads, w.dilation, out=acc.gram)

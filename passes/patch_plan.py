@@ -145,6 +145,15 @@ def estimate_seconds(shape, kernel, stride=1, padding=0, dilation=1, *, device="
     return {"correlation": correlation, "unfold": unfold}
 
 
+def exact_is_cheaper(shape, kernel, stride, padding, dilation, positions: int, *, device="cpu") -> bool:
+    """Whether every output position, summed exactly (the cheaper of correlation and unfolding),
+    costs no more than `positions` drawn positions per sample, gathered and multiplied as
+    im2col patches (the unfolding's cost for that share of the positions)."""
+    cost = estimate_seconds(shape, kernel, stride, padding, dilation, device=device)
+    _, _, _, _, ay, ax = geometry(shape, kernel, stride, padding, dilation)
+    return min(cost.values()) * (ay.out * ax.out) <= cost["unfold"] * positions
+
+
 def patches_at(node: WeightNode, x: torch.Tensor, pads, idx: torch.Tensor, out_w: int) -> torch.Tensor:
     """im2col columns at the output positions ``idx`` only: (n, C*kh*kw, len(idx)), ordered as
     F.unfold orders them, gathered without unfolding the whole map. `pads`: ((top, bottom),

@@ -111,3 +111,12 @@ def test_early_levels_of_large_maps_read_fewer_batches(world_size):
     assert got == [MIN_LEVEL_SAMPLES // 10 + 1, 52, 60]
     assert [level_batches(level, gm, batches[:1], pos.AUTO, world_size) for level in levels] == [1, 1, 1]
     assert all(level_batches(level, gm, batches, p, world_size) == 60 for level in levels for p in (None, 5))
+
+
+def test_every_position_is_read_exactly_when_that_is_no_dearer():
+    from pleas_fx.passes.patch_plan import exact_is_cheaper
+
+    for shape in [(128, 32, 28, 28), (32, 64, 56, 56), (8, 16, 7, 7)]:
+        area = (shape[2]) * (shape[3])
+        assert exact_is_cheaper(shape, 3, 1, 1, 1, area)  # all positions: the exact sums are never dearer
+    assert not exact_is_cheaper((32, 64, 56, 56), 3, 1, 1, 1, 64)  # 64 of 3,136: drawn
