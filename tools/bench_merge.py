@@ -14,7 +14,7 @@ process CPU time (steadier when other work shares the cores; the load average is
 --procs 2 the merge also runs sharded across 2 processes (torchrun, gloo): its seconds are rank 0's.
 
     nice -n 10 python tools/bench_merge.py                          # digits and resnet18
-    nice -n 10 python tools/bench_merge.py --cases resnet50 --procs 1
+    nice -n 10 python tools/bench_merge.py --cases resnet50 --procs 1 --no-sweep
 """
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=["digits", "resnet18"], choices=sorted(CASES))
     p.add_argument("--procs", nargs="+", type=int, default=[1, 2], help="process counts to run each case with")
+    p.add_argument("--no-sweep", action="store_true", help="skip the 4-budget sweep (one merge per case)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
             print(json.dumps(result))
         return 0
     rows = [r for case in args.cases for procs in args.procs
-            if (r := _subprocess(case, procs, sweep=procs == 1)) is not None]
+            if (r := _subprocess(case, procs, sweep=procs == 1 and not args.no_sweep)) is not None]
     print("| case | processes | images | forward floor (s) | merge at 1.0 (s) | merge / floor | merge / floor (CPU) | "
           "statistics (s) | solves (s) | 4-budget sweep (s) | sweep / merge | sweep / merge (CPU) | peak RSS (GiB) | "
           "load |")
