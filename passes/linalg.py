@@ -197,8 +197,11 @@ def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, re
     not collected) already fits on the measured inputs to a relative residual below
     KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones (budget 2, a
     self-merge: both candidates are exact) up to rounding, which the solve would only amplify."""
-    G = merged.gram[order_t][:, order_t]
-    R = merged.target_cross.index_select(1, order_t)  # E[target x~^T]
+    k = len(order_t)
+    if torch.equal(order_t, torch.arange(k, device=order_t.device)):  # every input shared: no gather
+        G, R = merged.gram[:k, :k], merged.target_cross[:, :k]
+    else:
+        G, R = merged.gram[order_t][:, order_t], merged.target_cross.index_select(1, order_t)  # R: E[target x~^T]
     W, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
     t2 = merged.target_sq  # E[target^2] per row
     res = ((W_src @ G) * W_src).sum(1) - 2 * (W_src * R).sum(1) + t2

@@ -53,14 +53,15 @@ class SecondMoments:
         """E[s s^T] as one (dim_a + dim_b + 1)-square matrix, bias last."""
         da, db, n = self.dim_a, self.dim_b, max(self.count, 1)
         out = torch.empty(self.dim, self.dim, dtype=self.aa.dtype, device=self.aa.device)
-        out[:da, :da] = 0.5 * (self.aa + self.aa.T)  # exactly symmetric, whatever the BLAS did
-        out[:da, da:da + db] = self.ab
-        out[da:da + db, :da] = self.ab.T
-        out[da:da + db, da:da + db] = 0.5 * (self.bb + self.bb.T)
-        out[:da, -1] = out[-1, :da] = self.sum_a
-        out[da:da + db, -1] = out[-1, da:da + db] = self.sum_b
-        out[-1, -1] = self.count
-        return out / n
+        for block, sums in ((out[:da, :da], self.aa), (out[da:da + db, da:da + db], self.bb)):
+            torch.add(sums, sums.T, out=block)  # exactly symmetric, whatever the BLAS did
+            block.mul_(0.5 / n)  # (in place: these blocks are most of the matrix, often 100s of MB)
+        out[:da, da:da + db] = self.ab / n
+        out[da:da + db, :da] = out[:da, da:da + db].T
+        out[:da, -1] = out[-1, :da] = self.sum_a / n
+        out[da:da + db, -1] = out[-1, da:da + db] = self.sum_b / n
+        out[-1, -1] = self.count / n
+        return out
 
 
 def accumulate_rows(acc: SecondMoments, a: torch.Tensor, b: torch.Tensor) -> None:
