@@ -48,6 +48,8 @@ from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
 from pleas_fx.passes.merged_sums import GroupedSums, Rows, Sums, accumulate, accumulate_grouped
 from pleas_fx.passes.positions import AUTO, LS_ROWS_PER_ENTRY, MIN_ROWS, batch_samples, generator
 
+log = logging.getLogger(__name__)
+
 # merged-input moments read the leading calibration batches up to this many samples (a few
 # hundred images give every conv layer thousands of rows; the benchmarks calibrate on 500)
 MERGED_INPUT_SAMPLES = 512
@@ -57,8 +59,6 @@ CACHE_BYTES = 2 * 2**30
 # fewer, its measured Gram is rank-deficient and would fit rounding noise: the source-input
 # solution is kept (and the statistics pass keeps that layer's source moments for it)
 MIN_ROWS_PER_INPUT = 2
-log = logging.getLogger(__name__)
-
 # with AUTO positions, every level's moments read at least this many samples (level_batches)
 MIN_LEVEL_SAMPLES = 128
 

@@ -15,7 +15,7 @@ from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.linalg import MergedInputs
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import conv_output_size, exact_is_cheaper, patches_at
+from pleas_fx.passes.patch_plan import exact_is_cheaper, node_output_size, node_pads, patches_at
 from pleas_fx.passes.positions import draw, per_sample
 
 CHUNK_ROWS = 8192  # rows per low-precision product before the float64 sum
@@ -99,9 +99,8 @@ def accumulate(acc: Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tenso
             acc.sum_y += b.sum(0).to(dtype)
             acc.sq_y += (b * b).sum(0).to(dtype)
         return acc
-    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in w.padding)
-    out_h, out_w = (conv_output_size(xm.shape[2 + i], w.kernel[i], w.stride[i], *pads[i], w.dilation[i])
-                    for i in range(2))
+    pads = node_pads(w)
+    out_h, out_w = node_output_size(w, xm)
     positions = per_sample(rows.positions, acc.gram.dim_a, rows.samples, out_h * out_w)
     if positions is None or exact_is_cheaper(xm.shape, w.kernel, w.stride, pads, w.dilation, positions,
                                              device=xm.device):

@@ -145,6 +145,18 @@ def estimate_seconds(shape, kernel, stride=1, padding=0, dilation=1, *, device="
     return {"correlation": correlation, "unfold": unfold}
 
 
+def node_pads(node: WeightNode) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A convolution node's (before, after) zero padding per spatial axis."""
+    return tuple(p if isinstance(p, tuple) else (p, p) for p in node.padding)
+
+
+def node_output_size(node: WeightNode, x: torch.Tensor) -> tuple[int, int]:
+    """A convolution node's output height and width for its 2-D input x (N, C, H, W)."""
+    pads = node_pads(node)
+    return tuple(conv_output_size(x.shape[2 + i], node.kernel[i], node.stride[i], *pads[i], node.dilation[i])
+                 for i in range(2))
+
+
 def exact_is_cheaper(shape, kernel, stride, padding, dilation, positions: int, *, device="cpu") -> bool:
     """Whether every output position, summed exactly (the cheaper of correlation and unfolding),
     costs no more than `positions` drawn positions per sample, gathered and multiplied as

@@ -34,7 +34,7 @@ from pleas_fx.passes.distributed import all_reduce_sums, shard_total, sharded, w
 from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import conv_output_size, patches_at
+from pleas_fx.passes.patch_plan import node_output_size, node_pads, patches_at
 from pleas_fx.passes.positions import (AUTO, SITE_ROWS_PER_ENTRY, batch_samples, draw, generator, per_sample,
                                        total_samples)
 
@@ -80,8 +80,8 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
         return
     if xa.dim() == 3:  # conv1d: a conv2d of height 1
         xa, xb = xa.unsqueeze(2), xb.unsqueeze(2)
-    pads = _pads(node)
-    out_h, out_w = _out_size(node, xa)
+    pads = node_pads(node)
+    out_h, out_w = node_output_size(node, xa)
     if positions is None or positions >= out_h * out_w:
         conv_patch_sums(xa, xb, node.kernel, node.stride, pads, node.dilation, out=acc)
         return
@@ -90,18 +90,6 @@ def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb
         idx = draw(gen, out_h * out_w, positions, xa.device)
         ca, cb = (patches_at(node, x[start:start + step], pads, idx, out_w) for x in (xa, xb))
         accumulate_rows(acc, ca.transpose(0, 1).reshape(ca.shape[1], -1), cb.transpose(0, 1).reshape(cb.shape[1], -1))
-
-
-def _pads(node: WeightNode) -> tuple[tuple[int, int], tuple[int, int]]:
-    """A convolution's (before, after) zero padding per spatial axis."""
-    return tuple(p if isinstance(p, tuple) else (p, p) for p in node.padding)
-
-
-def _out_size(node: WeightNode, x: torch.Tensor) -> tuple[int, int]:
-    """A 2-D convolution's output height and width for input x (N, C, H, W)."""
-    pads = _pads(node)
-    return tuple(conv_output_size(x.shape[2 + i], node.kernel[i], node.stride[i], *pads[i], node.dilation[i])
-                 for i in range(2))
 
 
 def _accumulate_site(acc: SiteMoments, za: torch.Tensor, zb: torch.Tensor, axis: int, dtype,
@@ -194,7 +182,8 @@ class _Collector:
             acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(dim, dim, self.dtype, self.device)
         count = None
         if probe.kind != "linear":
-            count = per_sample(self.positions, 2 * dim + 1, self.samples, math.prod(_out_size(probe, _as_2d(xa))))
+            positions = math.prod(node_output_size(probe, _as_2d(xa)))
+            count = per_sample(self.positions, 2 * dim + 1, self.samples, positions)
         accumulate_inputs(acc, probe, xa, xb, count, generator(self.seed, self.batch_index, probe.node))
 
     def _defer(self, probe: WeightNode, xa: torch.Tensor, dim: int) -> bool:
@@ -207,7 +196,7 @@ class _Collector:
         if probe.kind == "linear":
             per = xa.numel() // max(xa.shape[-1], 1) / self.batch_samples
         else:
-            per = math.prod(_out_size(probe, _as_2d(xa))) * xa.shape[0] / self.batch_samples
+            per = math.prod(node_output_size(probe, _as_2d(xa))) * xa.shape[0] / self.batch_samples
             drawn = per_sample(self.positions, 2 * dim, self.refined_samples, math.ceil(per))
             per = per if drawn is None else min(per, drawn)
         return per * self.refined_samples >= MIN_ROWS_PER_INPUT * (2 * dim + 1)
@@ -226,9 +215,9 @@ class _Collector:
             acc = self.stats.sites[site.key] = SiteMoments(zeros(d, d), zeros(d), zeros(d))
             if self.full_sites:
                 acc.aa, acc.bb, acc.sum_a, acc.sum_b = zeros(d, d), zeros(d, d), zeros(d), zeros(d)
-        keep = 1.0
-        if self.positions == AUTO and self.batch_samples > 0:  # rows drawn as positions per sample are
-            rows = za.numel() // max(d, 1) / self.batch_samples
+        keep = 1.0  # share of the rows read: with AUTO, positions per sample drawn as for a conv moment
+        if self.positions == AUTO and self.batch_samples > 0:
+            rows = za.numel() // max(d, 1) / self.batch_samples  # rows per sample
             drawn = per_sample(AUTO, d, self.samples, math.ceil(rows), SITE_ROWS_PER_ENTRY)
             keep = 1.0 if drawn is None else drawn / rows
         _accumulate_site(acc, za, zb, axis, self.dtype, keep, generator(self.seed, self.batch_index, repr(site.key)))
