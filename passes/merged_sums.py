@@ -15,8 +15,8 @@ from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.linalg import MergedInputs
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
-from pleas_fx.passes.patch_plan import exact_is_cheaper, node_output_size, node_pads, patches_at
-from pleas_fx.passes.positions import draw, per_sample
+from pleas_fx.passes.patch_plan import node_output_size, node_pads, patches_at
+from pleas_fx.passes.positions import conv_positions, draw
 
 CHUNK_ROWS = 8192  # rows per low-precision product before the float64 sum
 
@@ -101,9 +101,8 @@ def accumulate(acc: Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tenso
         return acc
     pads = node_pads(w)
     out_h, out_w = node_output_size(w, xm)
-    positions = per_sample(rows.positions, acc.gram.dim_a, rows.samples, out_h * out_w)
-    if positions is None or exact_is_cheaper(xm.shape, w.kernel, w.stride, pads, w.dilation, positions,
-                                             device=xm.device):
+    positions = conv_positions(rows.positions, w, xm, acc.gram.dim_a, rows.samples)
+    if positions is None:
         acc.sum_y += y.sum((0, 2, 3)).to(dtype)
         acc.sq_y += (y * y).sum((0, 2, 3)).to(dtype)
         conv_patch_sums(xm, None, w.kernel, w.stride, pads, w.dilation, out=acc.gram)

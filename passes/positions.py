@@ -26,6 +26,9 @@ from typing import Iterable
 
 import torch
 
+from pleas_fx.core.ir import WeightNode
+from pleas_fx.passes.patch_plan import exact_is_cheaper, node_output_size, node_pads
+
 AUTO = "auto"
 LS_ROWS_PER_ENTRY = 32  # least-squares moments: rows per entry of the solved input
 SITE_ROWS_PER_ENTRY = 16  # matching sites: rows per feature of one model
@@ -41,6 +44,20 @@ def per_sample(option: int | str | None, dim: int, samples: int | None, availabl
         return None
     count = option if option != AUTO else math.ceil(max(MIN_ROWS, rows_per_entry * dim) / samples)
     return None if count >= available else max(1, int(count))
+
+
+def conv_positions(option: int | str | None, node: WeightNode, x: torch.Tensor, dim: int, samples: int | None,
+                   rows_per_entry: int = LS_ROWS_PER_ENTRY) -> int | None:
+    """Positions per sample a convolution's input moment reads on the (N, C, H, W) input `x`
+    (`per_sample` for its `dim`-entry moment), or None: every position, summed exactly -- also
+    wherever that costs no more than the drawn ones (passes/patch_plan.py `exact_is_cheaper`).
+    The one decision of the statistics pass and of merged-input least squares."""
+    out_h, out_w = node_output_size(node, x)
+    count = per_sample(option, dim, samples, out_h * out_w, rows_per_entry)
+    if count is None or exact_is_cheaper(x.shape, node.kernel, node.stride, node_pads(node), node.dilation, count,
+                                         device=x.device):
+        return None
+    return count
 
 
 def generator(seed: int, batch_index: int, key: str) -> torch.Generator:

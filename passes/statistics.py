@@ -35,8 +35,8 @@ from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT
 from pleas_fx.passes.moments import SecondMoments, accumulate_rows
 from pleas_fx.passes.patch_moments import conv_patch_sums
 from pleas_fx.passes.patch_plan import node_output_size, node_pads, patches_at
-from pleas_fx.passes.positions import (AUTO, SITE_ROWS_PER_ENTRY, batch_samples, draw, generator, per_sample,
-                                       total_samples)
+from pleas_fx.passes.positions import (AUTO, SITE_ROWS_PER_ENTRY, batch_samples, conv_positions, draw, generator,
+                                       per_sample, total_samples)
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,8 @@ class _Collector:
                 self.stats.deferred.add(probe.node)
                 return
             acc = self.stats.least_squares[probe.node] = SecondMoments.zeros(dim, dim, self.dtype, self.device)
-        count = None
-        if probe.kind != "linear":
-            positions = math.prod(node_output_size(probe, _as_2d(xa)))
-            count = per_sample(self.positions, 2 * dim + 1, self.samples, positions)
+        count = None if probe.kind == "linear" else conv_positions(self.positions, probe, _as_2d(xa), 2 * dim + 1,
+                                                                      self.samples)
         accumulate_inputs(acc, probe, xa, xb, count, generator(self.seed, self.batch_index, probe.node))
 
     def _defer(self, probe: WeightNode, xa: torch.Tensor, dim: int) -> bool:
@@ -267,7 +265,7 @@ def collect_statistics(
             collector.batch_samples, collector.batch_index = batch_samples(args), rank + i * size
             lockstep.run(*args)
             stats.batches += 1
-            stats.samples += int(args[0].shape[0]) if torch.is_tensor(args[0]) else 0
+            stats.samples += collector.batch_samples
     if size > 1:
         _all_reduce(stats, rank)
     log.info("statistics: %d batches, %d samples, %d least-squares probes, %d matching sites",

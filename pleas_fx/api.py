@@ -112,8 +112,8 @@ def merge(
             than small late ones. None: every output position, summed exactly as
             cross-correlations of the feature maps at the kernel's tap offsets (no im2col;
             passes/patch_moments.py). An integer: that many drawn positions per sample for the
-            least-squares moments (sites read every position; the merged-input refinement reads
-            every position of a layer where summing them exactly is no dearer).
+            least-squares moments (sites read every position; every position of a layer is read
+            where summing them exactly is no dearer).
         progress: a tqdm progress bar for the data pass: True always, False never, None (default)
             only when stderr is a terminal.
         allocation: "highs" (default) chooses every group's width by a MIP solved with HiGHS
