@@ -130,3 +130,43 @@ def test_einsum_with_an_ellipsis_is_merged_not_frozen():
     assert report.frozen_hidden_units == 0, report.frozen_by_reason
     assert report.check.max_deviation < 1e-5, report.check
     nets.assert_self_merge_and_budget_two(a, b, x, data, seed=0)
+
+
+class DiagonalMix(nn.Module):
+    """Two projections multiplied as an outer product, then its diagonal read by a repeated
+    subscript ("bii->bi": h * g); `trace` also sums the diagonal ("bii->b")."""
+
+    def __init__(self, c: int = 5, trace: bool = False):
+        super().__init__()
+        self.h, self.g, self.out = nn.Linear(4, c), nn.Linear(4, c), nn.Linear(c, 3)
+        self.trace = trace
+
+    def forward(self, x):
+        outer = torch.einsum("bi,bj->bij", self.h(x), self.g(x))
+        y = self.out(torch.relu(torch.einsum("bii->bi", outer)))
+        return y + torch.einsum("bii->b", outer)[:, None] if self.trace else y
+
+
+@nets.hypothesis_settings(10)
+@given(c=st.integers(2, 6), seed=st.integers(0, 10_000))
+def test_a_repeated_subscript_reads_a_diagonal_whose_axes_share_a_permutation(c, seed):
+    """The diagonal's two axes are one group (the two projections' outputs are unified): nothing
+    is frozen, permutations are sound, a self-merge recovers A and budget 2 is the ensemble."""
+    torch.manual_seed(seed)
+    a, b = DiagonalMix(c).eval(), DiagonalMix(c).eval()
+    gen = torch.Generator().manual_seed(seed)
+    x, data = torch.randn(3, 4, generator=gen), [torch.randn(8, 4, generator=gen) for _ in range(2)]
+    report = describe_groups(a, x, check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert [g.size for g in report.groups] == [c]  # the mergeable groups: h and g unified
+    assert report.check.max_deviation < 1e-5, report.check
+    nets.assert_self_merge_and_budget_two(a, b, x, data, seed=seed)
+
+
+def test_a_trace_over_a_diagonal_is_frozen_with_its_reason():
+    """Summing the diagonal ("bii->b") adds the two models' features at a wider merge: frozen,
+    and said so."""
+    torch.manual_seed(0)
+    report = describe_groups(DiagonalMix(4, trace=True).eval(), torch.randn(3, 4), check=True)
+    assert report.frozen_hidden_units == 4
+    assert any("einsum sum over an axis" in r for r in report.frozen_by_reason), report.frozen_by_reason

@@ -64,8 +64,9 @@ def einsum(ctx, node):
     axes of one letter share a permutation (size-1 axes only broadcast); a letter in the output
     keeps it; a letter summed over is a contraction (with a parameter: the weight's axis takes
     role "in"; between activations: frozen, unless q . k over head_dim as in matmul). A letter
-    repeated in one operand (a diagonal) and a sum over one operand's axis are frozen; "..." stands
-    for letters of their own (`_explicit_subscripts`)."""
+    repeated in one operand (a diagonal, "bii->bi") reads entries (i, i): its axes share one
+    permutation, since P X P^T has P's diagonal order; summed in one operand only (a trace, or a
+    sum over an axis) it is frozen; "..." stands for letters of their own (`_explicit_subscripts`)."""
     equation, operands = node.args[0], list(node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
@@ -77,9 +78,10 @@ def einsum(ctx, node):
     subs, rhs = explicit
     lays = [ctx.layouts(o) for o in operands]
     shapes = [list(ctx.shape(o)) for o in operands]
-    if len(subs) != len(operands) or any(len(sub) != len(lay) or len(set(sub)) != len(sub) for sub, lay in zip(subs, lays)):
-        return unknown(ctx, node, "contraction", "einsum with a repeated subscript", equation)
-    axes = {c: [(i, sub.index(c)) for i, sub in enumerate(subs) if c in sub] for c in dict.fromkeys("".join(subs))}
+    if len(subs) != len(operands) or any(len(sub) != len(lay) for sub, lay in zip(subs, lays)):
+        return unknown(ctx, node, "contraction", "einsum", equation)
+    axes = {c: [(i, d) for i, sub in enumerate(subs) for d, e in enumerate(sub) if e == c]
+            for c in dict.fromkeys("".join(subs))}
     joined = {}
     for c, where in axes.items():
         n = max(shapes[i][d] for i, d in where)
@@ -94,13 +96,14 @@ def einsum(ctx, node):
         params = [operands[i] for i, _ in where if is_attr(operands[i])]
         for i, d in where:
             ctx.set_role(operands[i], d, "in")
-        if len(where) == 2 and not params and not ctx.is_frozen(acc):
+        operands_with = {i for i, _ in where}
+        if len(where) == 2 and len(operands_with) == 2 and not params and not ctx.is_frozen(acc):
             (i, di), (j, dj) = where
             rest = lambda k, dk: [lays[k][e] for e in range(len(lays[k])) if e != dk and subs[k][e] in rhs]
             if _within_contraction(ctx, lays[i][di], lays[j][dj], rest(i, di), rest(j, dj)):
                 continue
-        if (len(where) == 1 or not params) and not ctx.is_frozen(acc):
-            ctx.freeze(acc, ctx.reason("contraction", "einsum contraction of activations" if len(where) > 1
+        if (len(operands_with) == 1 or not params) and not ctx.is_frozen(acc):
+            ctx.freeze(acc, ctx.reason("contraction", "einsum contraction of activations" if len(operands_with) > 1
                                        else "einsum sum over an axis"))
     return [ctx.rewritten(joined[c]) for c in rhs]
 
