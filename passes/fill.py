@@ -25,6 +25,7 @@ from pleas_fx.core.fxutil import getattr_path, node_shape, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
 from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
+from pleas_fx.passes.kept_apart import kept_apart_layers
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, Job, refine, weight_levels
 from pleas_fx.passes.positions import AUTO
@@ -238,7 +239,8 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
             _fill_one(f, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
             solved = [w for w in weights.nodes if w.solved and (w.node in stats.least_squares or w.node in stats.deferred)]
-            jobs = [Job(f.merged, f.merged_target, f.least_squares)
+            jobs = [Job(f.merged, f.merged_target, f.least_squares,
+                        frozenset(kept_apart_layers(gm_a, gm_b, f.spec, f.plans, solved)))
                     for i, f in enumerate(fillers) if not (exact and exact[i])]
             if jobs:
                 refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,

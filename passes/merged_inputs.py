@@ -258,6 +258,9 @@ class Job:
     merged: fx.GraphModule
     target: Callable[[WeightNode, torch.Tensor, torch.Tensor], torch.Tensor]
     solve: Callable[[WeightNode, "Sums | GroupedSums"], None]
+    # layers whose input and output features are all kept apart (passes/kept_apart.py): filled
+    # exactly already, not refined
+    kept_apart: frozenset = frozenset()
 
 
 @torch.no_grad()
@@ -284,9 +287,13 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     mine = list(sharded(batches))
     states: list[list[_State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
     for k, level in enumerate(levels):
+        todo = [[w for w in level if w.node not in job.kept_apart] for job in jobs]
+        if not any(todo):  # every model keeps this level apart: its values are reached at a later level
+            log.debug("merged-input least squares, level %d: kept apart in every model, skipped", k)
+            continue
         names = {w.node: w.node for w in level}
         sums: list[dict[str, Sums]] = [{} for _ in jobs]
-        used = level_batches(level, gm_a, batches, positions, world_size)
+        used = level_batches([w for w in level if any(w in t for t in todo)], gm_a, batches, positions, world_size)
         samples = sum(batch_samples(b) for b in batches[:used])
         mine_used = sum(rank + i * world_size < used for i in range(len(mine)))
         kept = _bytes([s for st in states[mine_used:] for s in st])  # held by batches this level skips
@@ -299,7 +306,7 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             st[1], _, yb = sources[1].advance(st[1], args, k, {}, {b_names[n]: n for n in names})
             for j, (job, run) in enumerate(zip(jobs, runners)):
                 st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {})
-                for w in level:
+                for w in todo[j]:
                     target, prev = job.target(w, ya[w.node], yb[w.node]), sums[j].get(w.node)
                     rows = Rows(positions, samples, generator(seed, rank + i * world_size, w.node))
                     if w.kind == "grouped":
@@ -312,12 +319,12 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             else:
                 kept += held
         if world_size > 1:
-            flat = [p for per_job in sums for s in (per_job[w.node] for w in level)
+            flat = [p for per_job, mine_todo in zip(sums, todo) for s in (per_job[w.node] for w in mine_todo)
                     for p in (s.parts if isinstance(s, GroupedSums) else [s])]
             tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
             for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
                 s.gram.count = c
-        for job, per_job in zip(jobs, sums):
-            for w in level:
+        for job, per_job, job_todo in zip(jobs, sums, todo):
+            for w in job_todo:
                 if w.node in per_job:
                     job.solve(w, per_job[w.node])
