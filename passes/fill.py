@@ -111,15 +111,10 @@ class _Filler:
             raise PleasError(f"{w.node}: least squares needs plans that merge features of A with "
                              f"features of B only (ZipIt!-style plans are filled with solve='mapped')")
         enough = measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1)
-        sums = self.stats.least_squares.get(w.node)
-        if sums is None:  # deferred by the statistics pass: measured inputs only (passes/statistics.py)
-            if not enough:
-                self.notes.append(f"{w.node}: too few merged-input rows and no source moments; used the mapped "
-                                  f"weights")
-                return
-            S = None
-        else:
-            S = sums.mean()
+        S = self.stats.source_mean(w.node)
+        if S is None and not enough:  # deferred by the statistics pass: measured inputs only (statistics.py)
+            self.notes.append(f"{w.node}: too few merged-input rows and no source moments; used the mapped weights")
+            return
         key = ("source_targets", w.node)  # budget-independent: cached across budgets
         if S is not None and key not in self.stats.cache and w.kind != "grouped":
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
@@ -235,8 +230,7 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
         raise PleasError(f"solve must be one of {SOLVES}, got {solve!r}")
     fillers = [_Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve) for merged, spec, plans in models]
     with torch.no_grad():
-        for f in fillers:
-            _fill_one(f, weights, solve)
+        _fill_all(fillers, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
             solved = [w for w in weights.nodes if w.solved and (w.node in stats.least_squares or w.node in stats.deferred)]
             jobs = [Job(f.merged, f.merged_target, f.least_squares,
@@ -245,34 +239,41 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
             if jobs:
                 refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
                        positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype)
+    if stats is not None:
+        stats.cache.pop("source_mean", None)  # (a d^2 matrix: not kept past the fill)
     return [f.notes for f in fillers]
 
 
-def _fill_one(f: _Filler, weights: WeightPlan, solve: str) -> None:
-    merged, gm_a, spec = f.merged, f.gm_a, f.spec
+def _fill_all(fillers: list[_Filler], weights: WeightPlan, solve: str) -> None:
+    """Write every tensor of every model: layer by layer across the models (one layer's source
+    moments are formed once for all budgets, `Statistics.source_mean`), then each model's norms
+    and mapped tensors."""
+    unfolded = [list(weights.norms) for _ in fillers]
     if solve != "mapped":
-        unfolded = list(weights.norms)
         for w in weights.nodes:
-            if w.solved and f.stats is not None and w.node in f.stats.least_squares:
-                f.least_squares(w)
-            elif w.kind == "depthwise" and w.weight not in f.done:
-                f.depthwise(w)
-            elif w.norm is not None:
-                unfolded.append(w.norm)
-        for norm in unfolded:
-            if norm.running_mean not in f.done:
-                f.norm(norm)
-    for name in spec.param_layouts:
-        if name in f.done:
-            continue
-        value = getattr_path(gm_a, name)
-        if not torch.is_tensor(value):
-            continue
-        if not value.is_floating_point():  # integer buffers (counters, indices) are A's
-            if tuple(value.shape) == tensor_shape(merged, name):
-                f.write(name, value.clone())
-            continue
-        f.write(name, f.zip_param(name))
+            for f, norms in zip(fillers, unfolded):
+                if w.solved and f.stats is not None and w.node in f.stats.least_squares:
+                    f.least_squares(w)
+                elif w.kind == "depthwise" and w.weight not in f.done:
+                    f.depthwise(w)
+                elif w.norm is not None:
+                    norms.append(w.norm)
+    for f, norms in zip(fillers, unfolded):
+        if solve != "mapped":
+            for norm in norms:
+                if norm.running_mean not in f.done:
+                    f.norm(norm)
+        for name in f.spec.param_layouts:
+            if name in f.done:
+                continue
+            value = getattr_path(f.gm_a, name)
+            if not torch.is_tensor(value):
+                continue
+            if not value.is_floating_point():  # integer buffers (counters, indices) are A's
+                if tuple(value.shape) == tensor_shape(f.merged, name):
+                    f.write(name, value.clone())
+                continue
+            f.write(name, f.zip_param(name))
 
 
 @dataclass

@@ -161,11 +161,12 @@ def solve_layer(S: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tenso
     reg = torch.ones(len(order), dtype=W0.dtype, device=W0.device)
     reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
     if S is None:  # no source moments (deferred to the refinement): the measured inputs alone
-        G, W_ord, ok = _merged_solve(merged, out_map, order_t, W0, W0, reg, n_s, n_a, ridge)
-        return _solution(W_ord, G, order_t, n_in, has_bias, ok)
+        G, W_ord, ok, WG = _merged_solve(merged, out_map, order_t, W0, W0, reg, n_s, n_a, ridge)
+        return _solution(W_ord, G, order_t, n_in, has_bias, ok, WG)
     ya, yb = targets
     M = stacked_merge_matrix(in_map, din, order, S)
     G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the modelled merged inputs
+    WG = None
     if method == "regmean":
         W_ord, ok = solve_regmean(S, ya, yb, in_map, out_map, order, din, W0, reg, n_s, n_a, ridge)
     elif method == "adam":
@@ -174,25 +175,31 @@ def solve_layer(S: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tenso
     else:
         R0 = zip_tensors(ya, yb, [out_map], ["out"])  # (m_out, D): target rows mapped through M_out
         R = (M @ R0.T.contiguous()).T  # E[target x~^T]
-        W_ord, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
+        W_ord, ok, WG = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
         if merged is not None:
-            G, W_ord, ok = _merged_solve(merged, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)
-    return _solution(W_ord, G, order_t, n_in, has_bias, ok)
+            G, W_ord, ok, WG = _merged_solve(merged, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)
+    return _solution(W_ord, G, order_t, n_in, has_bias, ok, WG)
 
 
-def _solution(W_ord, G, order_t, n_in: int, has_bias: bool, ok: bool) -> LayerSolution:
-    """The layer in input order, with its outputs' mean and variance under the Gram G."""
+def _solution(W_ord, G, order_t, n_in: int, has_bias: bool, ok: bool, WG: torch.Tensor | None = None
+              ) -> LayerSolution:
+    """The layer in input order, with its outputs' mean and variance under the Gram G. `WG`:
+    W_ord G wherever W_ord is nonzero (from the normal equations, `solve_structured`); None: the
+    product is taken here (m d^2, the cost of a second solve)."""
     W = torch.zeros(W_ord.shape[0], n_in + has_bias, dtype=W_ord.dtype, device=W_ord.device)
     W[:, order_t] = W_ord
-    mean = W_ord @ G[:, int(torch.nonzero(order_t == n_in)[0])] if has_bias else torch.zeros(W.shape[0], dtype=W.dtype,
-                                                                                             device=W.device)
-    var = ((W_ord @ G) * W_ord).sum(1) - mean**2
+    if WG is None:
+        WG = W_ord @ G
+    mean = WG[:, int(torch.nonzero(order_t == n_in)[0])] if has_bias else torch.zeros(W.shape[0], dtype=W.dtype,
+                                                                                      device=W.device)
+    var = (WG * W_ord).sum(1) - mean**2
     return LayerSolution(W[:, :n_in], W[:, n_in] if has_bias else None, mean, var, fallback=not ok)
 
 
 def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, reg, n_s: int, n_a: int,
                   ridge: float):
-    """Merged-input least squares: (E[x~ x~^T], W, ok), W solved on the measured inputs. Rows
+    """Merged-input least squares: (E[x~ x~^T], W, ok, W E[x~ x~^T] or None), W solved on the
+    measured inputs. Rows
     that the candidate `W_src` (the source-input solution, or W0 where the source moments were
     not collected) already fits on the measured inputs to a relative residual below
     KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones (budget 2, a
@@ -202,12 +209,15 @@ def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, re
         G, R = merged.gram[:k, :k], merged.target_cross[:, :k]
     else:
         G, R = merged.gram[order_t][:, order_t], merged.target_cross.index_select(1, order_t)  # R: E[target x~^T]
-    W, ok = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
+    W, ok, WG = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
     t2 = merged.target_sq  # E[target^2] per row
-    res = ((W_src @ G) * W_src).sum(1) - 2 * (W_src * R).sum(1) + t2
+    src_G = W_src @ G
+    res = (src_G * W_src).sum(1) - 2 * (W_src * R).sum(1) + t2
     keep = res <= KEEP_SOURCE_RESIDUAL * t2.clamp_min(1e-30)
     W[keep] = W_src[keep]
-    return G, W, ok
+    if WG is not None:
+        WG[keep] = src_G[keep]
+    return G, W, ok, WG
 
 
 def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge: float):
@@ -215,11 +225,13 @@ def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge:
     B-only], solved per row block so that A-only outputs read only inputs A has and B-only
     outputs only inputs B has: the cross blocks stay exactly zero. One Cholesky factor L
     serves all three blocks: its leading block factors [shared | A-only], and
-    [shared | B-only] needs only the Schur complement of the B-only block. Returns (W, ok);
-    W0 where the factorisation fails."""
+    [shared | B-only] needs only the Schur complement of the B-only block. Returns (W, ok, WG),
+    WG = W G on every column a row reads (by the normal equations, W (G + lam reg) = rhs: no
+    m d^2 product; not on the others, where W is 0); (W0, False, None) where the factorisation
+    fails."""
     L, lam = factor(G, reg, ridge)
     if L is None:
-        return W0, False
+        return W0, False, None
     rhs = R + lam * W0 * reg[None, :]
     out_a, out_b = out_map.idx_a >= 0, out_map.idx_b >= 0
     W = torch.zeros_like(W0)
@@ -240,7 +252,8 @@ def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge:
         top = torch.cat([L[:n_s, :n_s], torch.zeros(n_s, l_bb.shape[0], dtype=L.dtype, device=L.device)], 1)
         l_b = torch.cat([top, torch.cat([l_bs, l_bb], 1)], 0)
         W[r[:, None], keep[None, :]] = torch.cholesky_solve(rhs[r][:, keep].T, l_b).T
-    return W, True
+    WG = rhs - lam * W * reg[None, :]  # right on the columns each row solved for (elsewhere W is 0)
+    return W, True, WG
 
 
 def solve_adam(G, R, W0, n_s: int, n_a: int, out_map: AxisMap, steps: int = 400, lr: float = 5e-4):

@@ -324,7 +324,7 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
             for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
                 s.gram.count = c
-        for job, per_job, job_todo in zip(jobs, sums, todo):
-            for w in job_todo:
+        for w in level:  # layer by layer across the jobs: its source moments are formed once
+            for job, per_job in zip(jobs, sums):
                 if w.node in per_job:
                     job.solve(w, per_job[w.node])

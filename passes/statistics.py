@@ -65,6 +65,20 @@ class Statistics:
     cache: dict = field(default_factory=dict)  # budget-independent products, reused by every fill
     deferred: set = field(default_factory=set)  # probes left to merged-input least squares (node names)
 
+    def source_mean(self, node: str) -> torch.Tensor | None:
+        """E[s s^T] of a least-squares probe (None: not collected). The last one is kept, so the
+        budgets solved one after the other at a layer form it once (a d^2 pass over the sums)."""
+        last = self.cache.get("source_mean")
+        if last is not None and last[0] == node:
+            return last[1]
+        sums = self.least_squares.get(node)
+        if sums is None:
+            return None
+        self.cache["source_mean"] = None  # the previous one is freed before the next is formed
+        mean = sums.mean()
+        self.cache["source_mean"] = (node, mean)
+        return mean
+
 
 def accumulate_inputs(acc: SecondMoments, node: WeightNode, xa: torch.Tensor, xb: torch.Tensor,
                       positions: int | None = None, gen: torch.Generator | None = None) -> None:
