@@ -9,7 +9,6 @@ inputs and the reverse) are never written.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,24 +57,33 @@ def zip_tensors(ta: torch.Tensor, tb: torch.Tensor, maps: list[AxisMap], roles: 
     return out
 
 
-def stacked_merge_matrix(in_map: AxisMap, din: int, order: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """M_in as a sparse CSR matrix from the stacked input [A entries; B entries; 1] (2*din + 1)
-    to the merged entries listed in `order` (index in_map.size stands for the constant)."""
-    w_a, w_b = in_map.weights()
-    n_in = in_map.size
-    is_const = order == n_in
-    e = np.where(is_const, 0, order)
-    rows = np.arange(len(order))
-    use_a = ~is_const & (in_map.idx_a[e] >= 0)
-    use_b = ~is_const & (in_map.idx_b[e] >= 0)
-    r = np.concatenate([rows[use_a], rows[use_b], rows[is_const]])
-    c = np.concatenate([in_map.idx_a[e][use_a], din + in_map.idx_b[e][use_b], np.full(is_const.sum(), 2 * din)])
-    v = np.concatenate([w_a[e][use_a], w_b[e][use_b], np.ones(is_const.sum())])
-    coo = torch.sparse_coo_tensor(torch.as_tensor(np.stack([r, c])), torch.as_tensor(v, dtype=like.dtype),
-                                  (len(order), 2 * din + 1), check_invariants=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return coo.coalesce().to_sparse_csr().to(like.device)
+class StackedMerge:
+    """M_in from the stacked input [A entries; B entries; 1] (2*din + 1) to the merged entries
+    listed in `order` (index in_map.size stands for the constant), applied to an axis of a
+    tensor as two weighted gathers (each merged entry reads at most one A and one B entry):
+    row gathers of contiguous rows, never a transposed copy."""
+
+    def __init__(self, in_map: AxisMap, din: int, order: np.ndarray, device):
+        w_a, w_b = in_map.weights()
+        is_const = order == in_map.size
+        e = np.where(is_const, 0, order)
+        has_a, has_b = ~is_const & (in_map.idx_a[e] >= 0), ~is_const & (in_map.idx_b[e] >= 0)
+        idx_a = np.where(is_const, 2 * din, np.where(has_a, in_map.idx_a[e], 0))
+        idx_b = np.where(has_b, din + in_map.idx_b[e], 0)
+        self.idx = [torch.as_tensor(i, device=device) for i in (idx_a, idx_b)]
+        self.w = [np.where(is_const, 1.0, np.where(has_a, w_a[e], 0.0)), np.where(has_b, w_b[e], 0.0)]
+
+    def apply(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """t with `axis` (size 2*din + 1) mapped through M_in (size len(order))."""
+        out = None
+        for idx, w in zip(self.idx, self.w):
+            part = t.index_select(axis, idx) * _along(w, axis, t.dim(), t)
+            out = part if out is None else out.add_(part)
+        return out
+
+    def gram(self, S: torch.Tensor) -> torch.Tensor:
+        """M S M^T: second moments of the modelled merged inputs."""
+        return self.apply(self.apply(S, 0), 1)
 
 
 # --------------------------------------------------------------------------- least squares
@@ -164,17 +172,17 @@ def solve_layer(S: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tenso
         G, W_ord, ok, WG = _merged_solve(merged, out_map, order_t, W0, W0, reg, n_s, n_a, ridge)
         return _solution(W_ord, G, order_t, n_in, has_bias, ok, WG)
     ya, yb = targets
-    M = stacked_merge_matrix(in_map, din, order, S)
-    G = (M @ (M @ S).T.contiguous()).T  # M S M^T: second moments of the modelled merged inputs
+    M = StackedMerge(in_map, din, order, S.device)
+    G = M.gram(S)  # M S M^T: second moments of the modelled merged inputs
     WG = None
     if method == "regmean":
         W_ord, ok = solve_regmean(S, ya, yb, in_map, out_map, order, din, W0, reg, n_s, n_a, ridge)
     elif method == "adam":
         R0 = zip_tensors(ya, yb, [out_map], ["out"])
-        W_ord, ok = solve_adam(G, (M @ R0.T.contiguous()).T, W0, n_s, n_a, out_map), True
+        W_ord, ok = solve_adam(G, M.apply(R0, 1), W0, n_s, n_a, out_map), True
     else:
         R0 = zip_tensors(ya, yb, [out_map], ["out"])  # (m_out, D): target rows mapped through M_out
-        R = (M @ R0.T.contiguous()).T  # E[target x~^T]
+        R = M.apply(R0, 1)  # E[target x~^T]
         W_ord, ok, WG = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
         if merged is not None:
             G, W_ord, ok, WG = _merged_solve(merged, out_map, order_t, W_ord, W0, reg, n_s, n_a, ridge)

@@ -47,3 +47,39 @@ def test_reported_mean_and_variance_equal_the_explicit_products(n_s, n_a, n_b, r
     want = _solution(W, G, order, d, True, ok, None)
     torch.testing.assert_close(got.mean, want.mean, rtol=1e-7, atol=1e-8 * float(G.abs().max()))
     torch.testing.assert_close(got.var, want.var, rtol=1e-6, atol=1e-7 * float(G.abs().max()) * float(W.abs().max()) ** 2)
+
+
+@nets.hypothesis_settings(40)
+@given(din=st.integers(1, 7), data=st.data(), seed=st.integers(0, 10_000))
+def test_stacked_merge_gathers_equal_the_dense_merge_matrix(din, data, seed):
+    """M_in applied by gathers (StackedMerge) equals the dense M_in built entry by entry, with
+    merged pairs, one-side entries, a share other than 1/2 and the constant in any order."""
+    from pleas_fx.passes.linalg import StackedMerge
+
+    perm_b = data.draw(st.permutations(range(din)))
+    merged = data.draw(st.integers(0, din))
+    # [merged pairs | A only | B only]
+    idx_a = np.array(list(range(din)) + [-1] * (din - merged))
+    idx_b = np.array(list(perm_b[:merged]) + [-1] * (din - merged) + list(perm_b[merged:]))
+    share = data.draw(st.sampled_from([None, 0.3]))
+    in_map = AxisMap(idx_a, idx_b, False, share_a=None if share is None else np.full(len(idx_a), share))
+    n_in = in_map.size
+    order = np.array(data.draw(st.permutations(range(n_in + 1))))
+    dense = np.zeros((len(order), 2 * din + 1))
+    w_a, w_b = in_map.weights()
+    for r, e in enumerate(order):
+        if e == n_in:
+            dense[r, 2 * din] = 1.0
+            continue
+        if idx_a[e] >= 0:
+            dense[r, idx_a[e]] += w_a[e]
+        if idx_b[e] >= 0:
+            dense[r, din + idx_b[e]] += w_b[e]
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * din + 1, 5, generator=gen, dtype=torch.float64)
+    S = X @ X.T
+    M = torch.as_tensor(dense)
+    m = StackedMerge(in_map, din, order, S.device)
+    torch.testing.assert_close(m.gram(S), M @ S @ M.T, rtol=1e-12, atol=1e-12)
+    R0 = torch.randn(3, 2 * din + 1, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(m.apply(R0, 1), R0 @ M.T, rtol=1e-12, atol=1e-12)
