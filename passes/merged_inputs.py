@@ -293,7 +293,8 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             continue
         names = {w.node: w.node for w in level}
         sums: list[dict[str, Sums]] = [{} for _ in jobs]
-        used = level_batches([w for w in level if any(w in t for t in todo)], gm_a, batches, positions, world_size)
+        needed = {w.node for job_todo in todo for w in job_todo}
+        used = level_batches([w for w in level if w.node in needed], gm_a, batches, positions, world_size)
         samples = sum(batch_samples(b) for b in batches[:used])
         mine_used = sum(rank + i * world_size < used for i in range(len(mine)))
         kept = _bytes([s for st in states[mine_used:] for s in st])  # held by batches this level skips
@@ -319,7 +320,7 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             else:
                 kept += held
         if world_size > 1:
-            flat = [p for per_job, mine_todo in zip(sums, todo) for s in (per_job[w.node] for w in mine_todo)
+            flat = [p for per_job, job_todo in zip(sums, todo) for s in (per_job[w.node] for w in job_todo)
                     for p in (s.parts if isinstance(s, GroupedSums) else [s])]
             tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
             for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
