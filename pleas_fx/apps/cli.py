@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pleas_fx.apps.evaluation import EvaluationError, budget_dir, evaluate, plot_accuracy
+from pleas_fx.apps.output import error, say
 from pleas_fx.core.errors import one_line
 
 log = logging.getLogger("pleas_fx")
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             sub_main = importlib.import_module(SUBCOMMANDS[argv[0]]).main
         except ImportError as exc:
-            print(f"{PROG}: error: {argv[0]!r} is not available: {one_line(exc)}", file=sys.stderr)
+            error(f"{PROG}: error: {argv[0]!r} is not available: {one_line(exc)}")
             return 1
         code = getattr(sub_main, "__code__", None)
         takes_prog = code is not None and "prog" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "merge":
             raise UsageError(f"choose a command: merge, inspect or demo (see {PROG} --help)")
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        error(f"{PROG}: error: {exc}")
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
@@ -127,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _merge_command(args, argv)
     except UsageError as exc:
-        print(f"{PROG} merge: error: {exc}", file=sys.stderr)
+        error(f"{PROG} merge: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        error(f"{PROG}: interrupted; nothing was written to {args.out}")
         return 130
     except Exception as exc:
         if args.debug:
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         known = isinstance(exc, (CliError, EvaluationError, PleasError, OSError, ValueError))
         prefix = "" if known else f"internal error ({type(exc).__name__}, rerun with --debug for the traceback): "
-        print(f"{PROG} merge: error: {prefix}{one_line(exc)}", file=sys.stderr)
+        error(f"{PROG} merge: error: {prefix}{one_line(exc)}")
         return 1
     finally:
         log.removeHandler(handler)
@@ -346,7 +347,7 @@ def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
                      f"({100 * frozen['frozen_share']:.1f}%) could not be aligned ({reasons}); "
                      f"see `{PROG} inspect {args.model}`")
     lines.append(f"  report: {out / 'report.json'}")
-    print("\n".join(lines))
+    say(*lines)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pleas_fx.apps.output import say
+
 __all__ = [
     "DigitResNet",
     "BasicBlock",
@@ -323,13 +325,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "pleas-fx demo") -> int:
     logger.setLevel(logging.INFO if not args.quiet else logging.WARNING)  # progress of this demo only
     runs = [_run_pair(args, pair) for pair in range(max(1, args.seeds))]
     n_merged, sweep_seconds, shared_seconds = runs[0][1:]
-    print()
-    print(_table([rows for rows, *_ in runs]))
-    print(f"\nThe sweep of {n_merged} budgets took {sweep_seconds:.1f} s: tracing, one statistics pass "
+    say()
+    say(_table([rows for rows, *_ in runs]))
+    say(f"\nThe sweep of {n_merged} budgets took {sweep_seconds:.1f} s: tracing, one statistics pass "
           f"over {args.max_batches} batches of 100 images and matching {shared_seconds:.1f} s once, then "
           f"{sweep_seconds - shared_seconds:.1f} s of merged-input least squares for every budget together "
           "(one lockstep pass per depth level; each budget's row shows that shared pass).")
-    print("Parameters are what the merged model stores (sum of p.numel()): block layers keep no "
+    say("Parameters are what the merged model stores (sum of p.numel()): block layers keep no "
           "zero blocks between features kept only for A and only for B.")
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from pleas_fx.apps.checkpoints import build_model
+from pleas_fx.apps.output import error, say
 from pleas_fx.core.errors import one_line
 from pleas_fx.inspection import DEFAULT_TOLERANCE, check_groups, report_from_spec, shape_propagate
 from pleas_fx.passes.infer_groups import infer_groups
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "inspect_groups") -> int
     def fail(stage: str, exc: BaseException) -> int:
         if args.traceback:
             raise exc
-        print(f"{prog}: error: {args.model}: {stage}: {one_line(exc, 600)}", file=sys.stderr)
+        error(f"{prog}: error: {args.model}: {stage}: {one_line(exc, 600)}")
         return 2
 
     try:
@@ -128,9 +129,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "inspect_groups") -> int
         except Exception as exc:
             return fail("--check failed to run", exc)
     if args.json == "-":
-        print(report.to_json())
+        say(report.to_json())
     else:
-        print(report)
+        say(str(report))
         if args.json:
             with open(args.json, "w") as fh:
                 fh.write(report.to_json() + "\n")
