@@ -207,11 +207,11 @@ def _solution(W_ord, G, order_t, n_in: int, has_bias: bool, ok: bool, WG: torch.
 def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, reg, n_s: int, n_a: int,
                   ridge: float):
     """Merged-input least squares: (E[x~ x~^T], W, ok, W E[x~ x~^T] or None), W solved on the
-    measured inputs. Rows
-    that the candidate `W_src` (the source-input solution, or W0 where the source moments were
-    not collected) already fits on the measured inputs to a relative residual below
-    KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones (budget 2, a
-    self-merge: both candidates are exact) up to rounding, which the solve would only amplify."""
+    measured inputs. Rows that the candidate `W_src` (the source-input solution, or W0 where the
+    source moments were not collected) already fits on the measured inputs to a relative
+    residual below KEEP_SOURCE_RESIDUAL keep it: there the merged inputs equal the modelled ones
+    (budget 2, a self-merge: both candidates are exact) up to rounding, which the solve would
+    only amplify."""
     k = len(order_t)
     if torch.equal(order_t, torch.arange(k, device=order_t.device)):  # every input shared: no gather
         G, R = merged.gram[:k, :k], merged.target_cross[:, :k]
