@@ -25,7 +25,7 @@ from pleas_fx.core.fxutil import getattr_path, node_shape, param_value
 from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode, axis_map
 from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
-from pleas_fx.passes.kept_apart import kept_apart_layers
+from pleas_fx.passes.kept_apart import ActivationZip, kept_apart_layers, kept_apart_values
 from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
 from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, Job, refine, weight_levels
 from pleas_fx.passes.positions import AUTO
@@ -233,15 +233,23 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
         _fill_all(fillers, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
             solved = [w for w in weights.nodes if w.solved and (w.node in stats.least_squares or w.node in stats.deferred)]
-            jobs = [Job(f.merged, f.merged_target, f.least_squares,
-                        frozenset(kept_apart_layers(gm_a, gm_b, f.spec, f.plans, solved)))
-                    for i, f in enumerate(fillers) if not (exact and exact[i])]
+            jobs = [_job(f, solved) for i, f in enumerate(fillers) if not (exact and exact[i])]
             if jobs:
                 refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
                        positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype)
     if stats is not None:
         stats.cache.pop("source_mean", None)  # (a d^2 matrix: not kept past the fill)
     return [f.notes for f in fillers]
+
+
+def _job(f: _Filler, solved: list[WeightNode]) -> Job:
+    """One model's merged-input refinement: its kept-apart layers are not re-solved, and its
+    kept-apart values are zipped from the sources' instead of computed (passes/kept_apart.py)."""
+    values = kept_apart_values(f.gm_a, f.gm_b, f.spec, f.plans)
+    zip_value = ActivationZip(f.spec, f.plans)
+    return Job(f.merged, f.merged_target, f.least_squares,
+               frozenset(kept_apart_layers(f.gm_a, f.gm_b, f.spec, f.plans, solved, values)),
+               frozenset(values), zip_value.zippable, zip_value)
 
 
 def _fill_all(fillers: list[_Filler], weights: WeightPlan, solve: str) -> None:

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from pleas_fx.core.fxutil import getattr_path
-from pleas_fx.core.ir import GroupPlan, GroupSpec, Segment, WeightNode
+from pleas_fx.core.ir import GroupPlan, GroupSpec, Segment, WeightNode, axis_map
 
 
 def _segments(layouts) -> list[Segment]:
@@ -75,9 +75,10 @@ def kept_apart_values(gm_a: fx.GraphModule, gm_b: fx.GraphModule, spec: GroupSpe
 
 
 def kept_apart_layers(gm_a: fx.GraphModule, gm_b: fx.GraphModule, spec: GroupSpec, plans: dict[int, GroupPlan],
-                      nodes: list[WeightNode]) -> set[str]:
-    """The weight nodes whose input and output values are kept apart (`kept_apart_values`)."""
-    exact = kept_apart_values(gm_a, gm_b, spec, plans)
+                      nodes: list[WeightNode], exact: set[str] | None = None) -> set[str]:
+    """The weight nodes whose input and output values are kept apart (`exact`: the
+    `kept_apart_values`, computed when None)."""
+    exact = kept_apart_values(gm_a, gm_b, spec, plans) if exact is None else exact
     graph = {n.name: n for n in gm_a.graph.nodes}
     out = set()
     for w in nodes:
@@ -85,3 +86,46 @@ def kept_apart_layers(gm_a: fx.GraphModule, gm_b: fx.GraphModule, spec: GroupSpe
         if n is not None and n.name in exact and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in exact:
             out.add(w.node)
     return out
+
+
+class ActivationZip:
+    """Builds a kept-apart value of the merged network from the two sources' values of that node:
+    along its one feature axis, each merged feature takes its source's feature (a structural
+    axis is the same in both and stays as it is). Values with no feature axis, several, a within
+    group, or several sources per feature are not zippable."""
+
+    def __init__(self, spec: GroupSpec, plans: dict[int, GroupPlan]):
+        self.spec, self.plans, self.frozen = spec, plans, spec.fixed()
+        self.maps: dict[str, tuple | None] = {}
+        self.gathers: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
+
+    def _map(self, name: str):
+        if name not in self.maps:
+            layouts = self.spec.node_layouts.get(name)
+            found = None
+            if isinstance(layouts, list) and all(isinstance(lay, tuple) and all(isinstance(s, Segment) for s in lay)
+                                                 for lay in layouts):
+                feature = [i for i, lay in enumerate(layouts) if not all(s.group in self.frozen for s in lay)]
+                if len(feature) == 1 and all(s.within is None for s in layouts[feature[0]]):
+                    amap = axis_map(layouts[feature[0]], self.plans, self.frozen)
+                    if amap.pairwise:
+                        found = (feature[0], amap)
+            self.maps[name] = found
+        return self.maps[name]
+
+    def zippable(self, name: str) -> bool:
+        return self._map(name) is not None
+
+    def __call__(self, name: str, va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        key = (name, va.device, va.dtype)
+        if key not in self.gathers:
+            axis, amap = self._map(name)
+            shape = [1] * va.dim()
+            shape[axis] = -1
+            parts = []
+            for idx, w in zip((amap.idx_a, amap.idx_b), amap.weights()):
+                parts.append((torch.as_tensor(idx.clip(0), device=va.device),
+                              torch.as_tensor(w, dtype=va.dtype, device=va.device).reshape(shape)))
+            self.gathers[key] = (axis, parts)
+        axis, ((ia, wa), (ib, wb)) = self.gathers[key]
+        return va.index_select(axis, ia) * wa + vb.index_select(axis, ib) * wb

@@ -22,29 +22,30 @@ are accumulated in float64 (passes/merged_sums.py). This is all the solve reads 
 (`level_batches`: a few for the large maps of early layers, all for the small late ones), and
 each convolution just enough drawn positions per sample (passes/positions.py).
 
-Activations between levels: each batch keeps the values still needed after the level (the
-*frontier*) in every network, so the next level runs only the nodes between the two levels
-instead of the whole prefix from the input; batches whose frontiers would exceed `cache_bytes`
-in total are run again from the input (a batch first read at a later level runs from the input
-up to it, once). A merged graph in which an in-place op mutates a value
-that another node also reads is run in graph order from the input at every level (no frontier).
+Activations between levels (passes/level_runner.py): each batch keeps the values still needed
+after the level (the *frontier*) in every network, so the next level runs only the nodes between
+the two levels instead of the whole prefix from the input; batches whose frontiers would exceed
+`cache_bytes` in total are run again from the input (a batch first read at a later level runs
+from the input up to it, once). A merged graph in which an in-place op mutates a value that
+another node also reads is run in graph order from the input at every level (no frontier). A
+merged model's kept-apart prefix is not run: its values are zipped from the sources' (the first
+batch checks them), and a model is not advanced at a level where it refines nothing.
 """
 from __future__ import annotations
 
 import logging
 import math
-import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
 
-from pleas_fx.core.errors import InternalError
 from pleas_fx.core.fxutil import getattr_path, node_shape
 from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
+from pleas_fx.passes.level_runner import (KeptApartPrefix, LevelRunner, State, held_bytes, ready_levels,
+                                         release_captured, unsafe)
 from pleas_fx.passes.merged_sums import GroupedSums, Rows, Sums, accumulate, accumulate_grouped
 from pleas_fx.passes.positions import AUTO, LS_ROWS_PER_ENTRY, MIN_ROWS, batch_samples, generator
 
@@ -96,131 +97,6 @@ def weight_levels(gm: fx.GraphModule, nodes: list[WeightNode]) -> list[list[Weig
     return [levels[k] for k in sorted(levels)]
 
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
-
-
-def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Whether `n` may write into its first argument in place."""
-    if n.kwargs.get("inplace") is True:
-        return True
-    if n.op == "call_module":
-        return getattr(gm.get_submodule(n.target), "inplace", False) is True
-    if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        return n.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
-    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")
-
-
-def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
-    return {n.args[0] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and _mutates(gm, n)}
-
-
-def _unsafe(gm: fx.GraphModule) -> bool:
-    """Whether running nodes out of graph order could change a result: an in-place op writes a
-    value that another node also reads."""
-    return any(len(v.users) > 1 for v in _mutated_values(gm))
-
-
-@dataclass
-class _State:
-    """One batch in one network: the values still needed, the nodes run, their users left."""
-
-    env: dict
-    done: set
-    left: dict
-
-
-class _Runner(fx.Interpreter):
-    """Advances one graph, batch by batch, level by level. `ready[n]`: the first level at which
-    node n may run (every solved layer it depends on final). In `ordered` mode nodes run in graph
-    order from the input at every level (no frontier is kept)."""
-
-    def __init__(self, gm: fx.GraphModule, ready: dict[fx.Node, int], ordered: bool = False):
-        super().__init__(gm)
-        self.ready, self.ordered = ready, ordered
-        self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
-        self.mutated = _mutated_values(gm)
-
-    def _fresh(self, args) -> _State:
-        self.args_iter = iter(args)
-        return _State({}, set(), {n: len(n.users) for n in self.nodes})
-
-    def advance(self, state: _State | None, args, level: int, inputs: dict[str, str], outputs: dict[str, str]
-                ) -> tuple[_State | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Run every node ready at `level` (not run yet); returns the new state and the first
-        argument of the nodes in `inputs` / the value of the nodes in `outputs` (graph name ->
-        reported name)."""
-        if state is None or self.ordered:
-            state = self._fresh(args)
-        self.env = state.env
-        got_in, got_out = {}, {}
-        wanted = len(inputs) + len(outputs)
-        try:
-            for n in self.nodes:
-                if n in state.done:
-                    continue
-                if self.ordered:
-                    if n.name in inputs:
-                        got_in[inputs[n.name]] = self._keep(n.args[0])
-                        if len(got_in) + len(got_out) == wanted:
-                            break
-                elif self.ready[n] > level:
-                    continue
-                self.env[n] = self.run_node(n)
-                state.done.add(n)
-                if n.name in outputs:
-                    got_out[outputs[n.name]] = self._keep(n)
-                    if self.ordered and len(got_in) + len(got_out) == wanted:
-                        break
-                if not n.users:
-                    del self.env[n]
-                for i in n.all_input_nodes:
-                    state.left[i] -= 1
-                    if state.left[i] == 0:
-                        del self.env[i]
-            if not self.ordered:
-                for name, report in inputs.items():
-                    got_in[report] = self._keep(self.graph_node(name).args[0])
-        finally:
-            self.env = {}
-        if len(got_in) + len(got_out) != wanted:
-            raise InternalError("merged-input least squares", next(iter({**inputs, **outputs})),
-                                "a layer's input or output was not reached at its level")
-        return (None if self.ordered else state), got_in, got_out
-
-    def graph_node(self, name: str) -> fx.Node:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {n.name: n for n in self.nodes}
-        return self._by_name[name]
-
-    def _keep(self, n: fx.Node) -> torch.Tensor:
-        v = self.env[n]
-        return v.clone() if n in self.mutated else v  # a later in-place op would change it
-
-
-def _ready(gm: fx.GraphModule, level_of: dict[str, int], offset: int) -> dict[fx.Node, int]:
-    """Per node, the first level at which it may run: 1 + (level of the latest solved layer it
-    depends on, itself included) - offset (offset 1 for the sources, whose layers are final)."""
-    renamed = gm.meta.get("block_nodes", {})
-    ready: dict[fx.Node, int] = {}
-    for n in gm.graph.nodes:
-        r = max((ready[i] for i in n.all_input_nodes), default=0)
-        own = level_of.get(renamed.get(n.name, n.name))
-        ready[n] = max(r, own + 1 - offset) if own is not None else r
-    return ready
-
-
-def _bytes(states: list[_State | None]) -> int:
-    seen, total = set(), 0
-    for s in states:
-        for t in tree_leaves(list(s.env.values()) if s is not None else []):
-            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.untyped_storage().nbytes()
-    return total
-
-
 def level_batches(level: list[WeightNode], gm_a: fx.GraphModule, batches: list, positions, world_size: int = 1
                   ) -> int:
     """How many leading batches a level's moments read. With AUTO positions, just enough samples
@@ -261,6 +137,12 @@ class Job:
     # layers whose input and output features are all kept apart (passes/kept_apart.py): filled
     # exactly already, not refined
     kept_apart: frozenset = frozenset()
+    # the values (names on A's graph) the merged model computes as the sources' own kept apart,
+    # with `zip_value(name, v_a, v_b)` building such a value where `zippable(name)`: its prefix is
+    # not run (passes/level_runner.py KeptApartPrefix)
+    exact: frozenset = frozenset()
+    zippable: Callable[[str], bool] | None = None
+    zip_value: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -274,20 +156,26 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
     level_of = {w.node: k for k, level in enumerate(levels) for w in level}
     b_names = {na.name: nb.name for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}  # same architecture
-    sources = [_Runner(gm, _ready(gm, {b_names.get(n, n) if gm is gm_b else n: k for n, k in level_of.items()}, 1),
-                       ordered=_unsafe(gm)) for gm in (gm_a, gm_b)]
     for job in jobs:
         job.merged.eval()
-    runners = [_Runner(gm, ready, ordered=_unsafe(gm)) for gm, ready in
-               [(job.merged, _ready(job.merged, level_of, 0)) for job in jobs]]
+    runners = [LevelRunner(job.merged, ready_levels(job.merged, level_of, 0), ordered=unsafe(job.merged))
+               for job in jobs]
+    ordered_sources = unsafe(gm_a) or unsafe(gm_b)
+    prefixes = [KeptApartPrefix(job.merged, set(job.exact), job.zippable, job.zip_value, b_names)
+                if job.exact and job.zip_value is not None and not ordered_sources and not run.ordered else None
+                for job, run in zip(jobs, runners)]
+    capture = [set().union(*[p.source_names()[side] for p in prefixes if p is not None]) for side in (0, 1)]
+    sources = [LevelRunner(gm, ready_levels(gm, {b_names.get(n, n) if gm is gm_b else n: k for n, k in level_of.items()}, 1),
+                           ordered=unsafe(gm), capture=capture[side]) for side, gm in enumerate((gm_a, gm_b))]
     renamed = [{old: new for new, old in job.merged.meta.get("block_nodes", {}).items()} for job in jobs]
     per_in = {w.node: int(getattr_path(gm_a, w.weight).shape[1]) for level in levels for w in level
               if w.kind == "grouped"}  # input channels per conv group
     rank, world_size = world()
     mine = list(sharded(batches))
-    states: list[list[_State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
+    states: list[list[State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
+    todos = [[[w for w in level if w.node not in job.kept_apart] for job in jobs] for level in levels]
     for k, level in enumerate(levels):
-        todo = [[w for w in level if w.node not in job.kept_apart] for job in jobs]
+        todo = todos[k]
         if not any(todo):  # every model keeps this level apart: its values are reached at a later level
             log.debug("merged-input least squares, level %d: kept apart in every model, skipped", k)
             continue
@@ -297,16 +185,24 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
         used = level_batches([w for w in level if w.node in needed], gm_a, batches, positions, world_size)
         samples = sum(batch_samples(b) for b in batches[:used])
         mine_used = sum(rank + i * world_size < used for i in range(len(mine)))
-        kept = _bytes([s for st in states[mine_used:] for s in st])  # held by batches this level skips
+        kept = held_bytes([s for st in states[mine_used:] for s in st])  # held by batches this level skips
         log.debug("merged-input least squares, level %d (%s): %d of %d batches, %d run from the input, %.2f GiB "
                   "held", k, ", ".join(w.node for w in level), used, len(batches),
                   sum(st[0] is None for st in states[:mine_used]), kept / 2**30)
+        later = [any(t[j] for t in todos[k + 1:]) for j in range(len(jobs))]  # models refined again after k
         for i, args in enumerate(mine[:mine_used]):  # (the others join a later level, from their state)
             st = states[i]
             st[0], _, ya = sources[0].advance(st[0], args, k, {}, names)
             st[1], _, yb = sources[1].advance(st[1], args, k, {}, {b_names[n]: n for n in names})
-            for j, (job, run) in enumerate(zip(jobs, runners)):
-                st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {})
+            for j, (job, run, prefix) in enumerate(zip(jobs, runners, prefixes)):
+                if not todo[j]:  # nothing to measure here: the model runs up to its next refined level then
+                    continue
+                was_on = prefix is not None and prefix.on
+                st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {},
+                                               prefix, (st[0], st[1]), check=i == 0)
+                if was_on and not prefix.on:  # batches that skipped the prefix run again from the input
+                    for other in states[1:]:
+                        other[2 + j] = None
                 for w in todo[j]:
                     target, prev = job.target(w, ya[w.node], yb[w.node]), sums[j].get(w.node)
                     rows = Rows(positions, samples, generator(seed, rank + i * world_size, w.node))
@@ -314,7 +210,10 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
                         sums[j][w.node] = accumulate_grouped(prev, w, xm[w.node], target, per_in[w.node], rows, dtype)
                     else:
                         sums[j][w.node] = accumulate(prev, w, xm[w.node], target, rows, dtype)
-            held = _bytes(st)
+            if st[0] is not None and st[1] is not None:
+                release_captured((st[0], st[1]), b_names, [(p, st[2 + j]) for j, p in enumerate(prefixes)
+                                                           if p is not None and later[j]])
+            held = held_bytes(st)
             if kept + held > cache_bytes:
                 states[i] = [None] * len(st)  # run again from the input at the next level
             else:

@@ -3,18 +3,24 @@ features apart, the merged network computes exactly the values it computes at bu
 ensemble's), whatever other groups merge; merged-input least squares skips those layers."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+import pytest
 import torch
 import torch.fx as fx
 from hypothesis import given
 from hypothesis import strategies as st
 
 import nets
+import pleas_fx
+from pleas_fx.passes import level_runner
 from pleas_fx.core.ir import GroupPlan
 from pleas_fx.passes.fill import fill
 from pleas_fx.passes.infer_groups import infer_groups
-from pleas_fx.passes.kept_apart import kept_apart_layers, kept_apart_values
+from pleas_fx.passes.kept_apart import ActivationZip, kept_apart_layers, kept_apart_values
 from pleas_fx.passes.trace import propagate_shapes, trace_model
+from pleas_fx.passes.verify import relative_error
 from pleas_fx.passes.weights import plan_weights
 from pleas_fx.passes.widen import widen
 
@@ -106,3 +112,89 @@ def test_only_layers_with_both_sides_kept_apart_are_skipped():
     spec_n = infer_groups(ga)
     plans_n = {g.id: GroupPlan.apart(g.size) for g in spec_n.mergeable()}
     assert kept_apart_layers(ga, gb, spec_n, plans_n, [w for w in plan_weights(ga, 10_000).nodes if w.solved]) == set()
+
+
+@contextmanager
+def _prefixes(monkeypatch, on: bool = True):
+    """Record every merged model's KeptApartPrefix; with on=False, turn each off at its start."""
+    made = []
+    original = level_runner.KeptApartPrefix.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.on = self.on and on
+        made.append(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(level_runner.KeptApartPrefix, "__init__", init)
+        yield made
+
+
+def _merge_outputs(monkeypatch, a, b, x, data, budgets, on: bool):
+    with _prefixes(monkeypatch, on) as made:
+        merged = pleas_fx.merge(a, b, x, budgets, data, progress=False)
+    with torch.no_grad():
+        return [m(x) for m in merged], made
+
+
+@nets.hypothesis_settings(12)
+@given(cfg=nets.net_configs(min_width=2), seed=st.integers(0, 10_000))
+def test_a_merge_zipping_its_kept_apart_prefix_equals_one_that_runs_it(cfg, seed):
+    """Merged-input least squares does not run a model's kept-apart prefix but zips its values
+    from the sources': the merged models are the same as when it runs the prefix."""
+    monkeypatch = pytest.MonkeyPatch()  # (function-scoped fixtures do not reset between hypothesis examples)
+    a, b = nets.build(cfg, seed).eval(), nets.build(cfg, seed + 1).eval()
+    x, data = nets.example_and_data(cfg, seed, n_batches=3, batch_size=8)
+    zipped, _ = _merge_outputs(monkeypatch, a, b, x, data, [1.3, 1.7], on=True)
+    run, _ = _merge_outputs(monkeypatch, a, b, x, data, [1.3, 1.7], on=False)
+    for got, want in zip(zipped, run):
+        assert relative_error(got, want) < 1e-5
+
+
+def _digit_pair():
+    from pleas_fx.apps.demo import DigitResNet
+    torch.manual_seed(0)
+    a, b = DigitResNet(width=4).eval(), DigitResNet(width=4).eval()
+    nets.randomize_norms(a, 1)
+    nets.randomize_norms(b, 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 1, 28, 28, generator=gen) for _ in range(4)]
+    return a, b, data
+
+
+def test_the_kept_apart_prefix_is_not_run_and_gives_the_same_model(monkeypatch):
+    """A budget that keeps the first stage of a ResNet apart: its merged model's prefix is skipped
+    (none of its convolutions run on batches after the first), the result unchanged."""
+    a, b, data = _digit_pair()
+    x = data[0][:4]
+    runs: dict[int, int] = {}
+    original = level_runner.LevelRunner.run_node
+
+    def counting(self, n):
+        runs[id(self.module)] = runs.get(id(self.module), 0) + 1
+        return original(self, n)
+
+    monkeypatch.setattr(level_runner.LevelRunner, "run_node", counting)
+    zipped, made = _merge_outputs(monkeypatch, a, b, x, data, [1.0, 1.8], on=True)
+    ran_zipped = dict(runs)
+    runs.clear()
+    run, _ = _merge_outputs(monkeypatch, a, b, x, data, [1.0, 1.8], on=False)
+    skipping = [p for p in made if p.on and p.skipped]
+    assert skipping, "budget 1.8 keeps no prefix apart: the test needs one"
+    assert all(p.boundary for p in skipping)
+    assert sum(ran_zipped.values()) < sum(runs.values())
+    for got, want in zip(zipped, run):
+        assert relative_error(got, want) < 1e-5
+
+
+def test_a_zip_that_differs_from_the_merged_values_turns_the_prefix_off(monkeypatch):
+    """The first batch runs the prefix and checks every zipped value: a wrong zip is caught, the
+    prefix is run for every batch instead, and the merged model is the one without it."""
+    a, b, data = _digit_pair()
+    x = data[0][:4]
+    want, _ = _merge_outputs(monkeypatch, a, b, x, data, [1.8], on=False)
+    with monkeypatch.context() as m:
+        m.setattr(ActivationZip, "__call__", lambda self, name, va, vb: torch.zeros(1))
+        got, made = _merge_outputs(monkeypatch, a, b, x, data, [1.8], on=True)
+    assert made and not any(p.on for p in made)
+    assert relative_error(got[0], want[0]) < 1e-6

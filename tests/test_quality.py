@@ -199,8 +199,8 @@ def test_budgets_filled_in_lockstep_equal_separate_merges(digit_pair, monkeypatc
 
 def test_in_place_ops_on_shared_values_run_in_graph_order():
     """A merged graph where an in-place op writes a value another node reads is never run out of
-    order (merged_inputs._unsafe); a plain ResNet block with in-place ReLUs after BatchNorm is."""
-    from pleas_fx.passes.merged_inputs import _unsafe
+    order (level_runner.unsafe); a plain ResNet block with in-place ReLUs after BatchNorm is."""
+    from pleas_fx.passes.level_runner import unsafe as _unsafe
 
     class Shared(nn.Module):
         def __init__(self):
