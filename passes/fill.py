@@ -115,6 +115,8 @@ class _Filler:
         if S is None and not enough:  # deferred by the statistics pass: measured inputs only (statistics.py)
             self.notes.append(f"{w.node}: too few merged-input rows and no source moments; used the mapped weights")
             return
+        if S is not None and not enough and w.weight in self.done:  # the fill's source-input solution stands
+            return
         key = ("source_targets", w.node)  # budget-independent: cached across budgets
         if S is not None and key not in self.stats.cache and w.kind != "grouped":
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)

@@ -120,6 +120,7 @@ class MergedInputs:
 
 
 KEEP_SOURCE_RESIDUAL = 1e-4  # relative residual below which the source-input solution is kept
+CANDIDATE_MARGIN = 1e-2  # the residual bound's slack for rounding (relative to the threshold)
 
 
 def factor(G: torch.Tensor, reg: torch.Tensor, ridge: float) -> tuple[torch.Tensor | None, float]:
@@ -219,13 +220,29 @@ def _merged_solve(merged: MergedInputs, out_map: AxisMap, order_t, W_src, W0, re
         G, R = merged.gram[order_t][:, order_t], merged.target_cross.index_select(1, order_t)  # R: E[target x~^T]
     W, ok, WG = solve_structured(G, R, W0, reg, n_s, n_a, out_map, ridge)
     t2 = merged.target_sq  # E[target^2] per row
-    src_G = W_src @ G
-    res = (src_G * W_src).sum(1) - 2 * (W_src * R).sum(1) + t2
-    keep = res <= KEEP_SOURCE_RESIDUAL * t2.clamp_min(1e-30)
-    W[keep] = W_src[keep]
+    limit = KEEP_SOURCE_RESIDUAL * t2.clamp_min(1e-30)
+    rows = torch.arange(W.shape[0], device=W.device)
     if WG is not None:
-        WG[keep] = src_G[keep]
+        rows = rows[_source_residual_bound(W, WG, W_src, R, t2) <= limit * (1 + CANDIDATE_MARGIN)]
+    if len(rows):
+        w_src = W_src[rows]
+        src_G = w_src @ G
+        fits = (src_G * w_src).sum(1) - 2 * (w_src * R[rows]).sum(1) + t2[rows] <= limit[rows]
+        W[rows[fits]] = w_src[fits]
+        if WG is not None:
+            WG[rows[fits]] = src_G[fits]
     return G, W, ok, WG
+
+
+def _source_residual_bound(W, WG, W_src, R, t2):
+    """Per row, a lower bound on the candidate's residual E||W_src x~ - t||^2 from the solution's,
+    with no m d^2 product: for D = W_src - W, res(W_src) = res(W) + 2 D (W G - R)^T + D G D^T,
+    G is a Gram (D G D^T >= 0), and W G is `WG` wherever W or D is nonzero (both are zero on a
+    row's structurally zero columns). Rows whose bound exceeds the threshold cannot keep the
+    candidate, so its exact residual is taken only for the others (at budget 1 few or none; at
+    budget 2 and in a self-merge all)."""
+    res = (WG * W).sum(1) - 2 * (W * R).sum(1) + t2
+    return res + 2 * ((WG - R) * (W_src - W)).sum(1)
 
 
 def solve_structured(G, R, W0, reg, n_s: int, n_a: int, out_map: AxisMap, ridge: float):

@@ -46,7 +46,7 @@ from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.distributed import all_reduce_sums, sharded, world
 from pleas_fx.passes.level_runner import (KeptApartPrefix, LevelRunner, State, held_bytes, ready_levels,
                                          release_captured, unsafe)
-from pleas_fx.passes.merged_sums import GroupedSums, Rows, Sums, accumulate, accumulate_grouped
+from pleas_fx.passes.merged_sums import GroupedSums, Rows, Sums, accumulate, accumulate_grouped, row_count
 from pleas_fx.passes.positions import AUTO, LS_ROWS_PER_ENTRY, MIN_ROWS, batch_samples, generator
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,14 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
                     for other in states[1:]:
                         other[2 + j] = None
                 for w in todo[j]:
-                    target, prev = job.target(w, ya[w.node], yb[w.node]), sums[j].get(w.node)
                     rows = Rows(positions, samples, generator(seed, rank + i * world_size, w.node))
+                    if w.node not in sums[j]:  # too few rows for a re-solve: not measured (the fill stands)
+                        per_sample, dim = row_count(w, xm[w.node], rows, per_in.get(w.node))
+                        if per_sample * samples < MIN_ROWS_PER_INPUT * (dim + 1):
+                            sums[j][w.node] = None
+                    if w.node in sums[j] and sums[j][w.node] is None:
+                        continue
+                    target, prev = job.target(w, ya[w.node], yb[w.node]), sums[j].get(w.node)
                     if w.kind == "grouped":
                         sums[j][w.node] = accumulate_grouped(prev, w, xm[w.node], target, per_in[w.node], rows, dtype)
                     else:
@@ -220,7 +226,7 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
                 kept += held
         if world_size > 1:
             flat = [p for per_job, job_todo in zip(sums, todo) for s in (per_job[w.node] for w in job_todo)
-                    for p in (s.parts if isinstance(s, GroupedSums) else [s])]
+                    if s is not None for p in (s.parts if isinstance(s, GroupedSums) else [s])]
             tensors = [t for s in flat for t in (s.gram.aa, s.gram.sum_a, s.cross, s.sum_y, s.sq_y)]
             for s, c in zip(flat, all_reduce_sums(tensors, [s.gram.count for s in flat])):
                 s.gram.count = c

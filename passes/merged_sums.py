@@ -6,6 +6,7 @@ gradient of a convolution with output gradient y~, one backward convolution) and
 summed in float64. A grouped convolution keeps one set per conv group, over its own inputs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,21 @@ class Rows:
     positions: int | str | None
     samples: int
     gen: torch.Generator
+
+
+def row_count(w: WeightNode, xm: torch.Tensor, rows: Rows, per_in: int | None = None) -> tuple[int, int]:
+    """(rows per sample, input entries per row) that `accumulate` (`accumulate_grouped` with
+    `per_in` input channels per conv group) reads from a batch with merged input `xm`."""
+    if w.kind == "linear":
+        return math.prod(xm.shape[1:-1]), xm.shape[-1]
+    x = xm.unsqueeze(2) if xm.dim() == 3 else xm
+    x = x[:, :per_in] if per_in is not None else x
+    dim = x.shape[1] * w.taps
+    positions = conv_positions(rows.positions, w, x, dim, rows.samples)
+    if positions is None:
+        out_h, out_w = node_output_size(w, x)
+        positions = out_h * out_w
+    return positions, dim
 
 
 def accumulate(acc: Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tensor, rows: Rows, dtype) -> Sums:

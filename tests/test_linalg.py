@@ -83,3 +83,43 @@ def test_stacked_merge_gathers_equal_the_dense_merge_matrix(din, data, seed):
     torch.testing.assert_close(m.gram(S), M @ S @ M.T, rtol=1e-12, atol=1e-12)
     R0 = torch.randn(3, 2 * din + 1, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(m.apply(R0, 1), R0 @ M.T, rtol=1e-12, atol=1e-12)
+
+
+@nets.hypothesis_settings(40)
+@given(n_s=st.integers(1, 6), n_a=st.integers(0, 5), n_b=st.integers(0, 5), rows=st.tuples(*[st.integers(0, 4)] * 3),
+       samples=st.integers(2, 30), exact=st.integers(0, 12), seed=st.integers(0, 10_000))
+def test_the_source_rows_kept_are_those_a_full_residual_keeps(n_s, n_a, n_b, rows, samples, exact, seed):
+    """The merged-input solve keeps the candidate (source-input) rows that fit the measured inputs;
+    it takes their exact residual only where a bound from the solution's allows it, and keeps
+    exactly the rows the full m x d^2 residual keeps."""
+    from pleas_fx.passes.linalg import KEEP_SOURCE_RESIDUAL, MergedInputs, _merged_solve
+    if sum(rows) == 0:
+        rows = (1, 0, 0)
+    gen = torch.Generator().manual_seed(seed)
+    d, m = n_s + n_a + n_b, sum(rows)
+    X = torch.randn(samples, d, generator=gen, dtype=torch.float64)
+    X[:, n_s - 1] = 1.0
+    out_map = _out_map(*rows)
+    mask = torch.ones(m, d, dtype=torch.float64)  # the structural zeros
+    mask[rows[0]:rows[0] + rows[1], n_s + n_a:] = 0
+    mask[rows[0] + rows[1]:, n_s:n_s + n_a] = 0
+    W_true = torch.randn(m, d, generator=gen, dtype=torch.float64) * mask
+    fit = torch.rand(m, generator=gen) < exact / 12  # rows the candidate fits exactly
+    T = X @ W_true.T + (~fit).double() * torch.randn(samples, m, generator=gen, dtype=torch.float64)
+    W_src = torch.where(fit[:, None], W_true, W_true + 0.1 * torch.randn(m, d, generator=gen, dtype=torch.float64) * mask)
+    W0 = torch.randn(m, d, generator=gen, dtype=torch.float64) * mask
+    reg = torch.ones(d, dtype=torch.float64)
+    reg[n_s - 1] = 0.0
+    merged = MergedInputs(X.T @ X / samples, T.T @ X / samples, (T * T).mean(0))
+    order = torch.arange(d)
+    G, W, ok, WG = _merged_solve(merged, out_map, order, W_src, W0, reg, n_s, n_a, 1e-3)
+    W_ref, ok_ref, WG_ref = solve_structured(G, merged.target_cross, W0, reg, n_s, n_a, out_map, 1e-3)
+    src_G = W_src @ G
+    res = (src_G * W_src).sum(1) - 2 * (W_src * merged.target_cross).sum(1) + merged.target_sq
+    keep = res <= KEEP_SOURCE_RESIDUAL * merged.target_sq.clamp_min(1e-30)
+    W_ref[keep] = W_src[keep]
+    assert ok == ok_ref and torch.equal(W, W_ref)
+    if WG is not None:
+        WG_ref[keep] = src_G[keep]
+        torch.testing.assert_close(WG, WG_ref, rtol=1e-12, atol=1e-12 * float(src_G.abs().max()))
+    assert bool(keep[fit].all())  # an exact candidate is always kept

@@ -235,3 +235,39 @@ def test_grouped_convolutions_are_refined_on_the_merged_inputs():
     assert first and grouped
     assert all(relative_error(pm[k], ps[k]) < 1e-6 for k in first)
     assert max(relative_error(pm[k], ps[k]) for k in grouped) > 1e-3
+
+
+def test_layers_with_too_few_rows_for_a_re_solve_are_not_measured(monkeypatch):
+    """Merged-input least squares re-solves a layer only from at least MIN_ROWS_PER_INPUT rows per
+    input entry; a layer that cannot get them (on 4 images: the head, and the 14x14 conv reading
+    64 x 9 inputs from 4 x 196 rows) is not
+    measured at all, and its source-input solution stands: the same model as when it was
+    measured and then left as it was."""
+    from pleas_fx.apps.demo import DigitResNet
+    from pleas_fx.passes import merged_inputs
+    torch.manual_seed(0)
+    a, b = DigitResNet(width=32).eval(), DigitResNet(width=32).eval()
+    nets.randomize_norms(a, 1)
+    nets.randomize_norms(b, 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 1, 28, 28, generator=gen) for _ in range(2)]
+    measured: list[list[str]] = []
+    original = merged_inputs.accumulate
+
+    def spy(prev, w, *args):
+        measured[-1].append(w.node)
+        return original(prev, w, *args)
+
+    monkeypatch.setattr(merged_inputs, "accumulate", spy)
+    outputs = []
+    for check in (True, False):
+        measured.append([])
+        with monkeypatch.context() as m:
+            if not check:  # every layer measured, as before
+                m.setattr(merged_inputs, "row_count", lambda *args: (10**9, 0))
+            merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False)
+        with torch.no_grad():
+            outputs.append(merged(data[1]))
+    short = set(measured[1]) - set(measured[0])
+    assert short == {"fc", "layer2_conv2"}
+    assert torch.equal(outputs[0], outputs[1])
