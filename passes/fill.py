@@ -26,7 +26,8 @@ from pleas_fx.core.ir import AxisMap, GroupPlan, GroupSpec, NormNode, WeightNode
 from pleas_fx.core.layers import tensor_shape, write_tensor
 from pleas_fx.passes.grouped_solve import solve_grouped
 from pleas_fx.passes.kept_apart import ActivationZip, kept_apart_layers, kept_apart_values
-from pleas_fx.passes.linalg import SOLVES, safe_inverse, solve_layer, source_targets, zip_tensors
+from pleas_fx.passes.linalg import (SOLVES, kept_apart_solution, safe_inverse, solve_layer, source_targets,
+                                   zip_tensors)
 from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, Job, refine, weight_levels
 from pleas_fx.passes.positions import AUTO
 from pleas_fx.passes.statistics import Statistics
@@ -43,6 +44,10 @@ class _Filler:
         self.frozen = spec.fixed()
         self.done: set[str] = set()
         self.notes: list[str] = []
+        # the nodes whose merged values are the sources' own kept apart, and the weight nodes
+        # between such values (passes/kept_apart.py): filled exactly by their mapped weights
+        self.exact_values = kept_apart_values(gm_a, gm_b, spec, plans) if solve == "least_squares" else set()
+        self.kept_apart: set[str] = set()
 
     def amap(self, name: str, axis: int, inner: int = 1) -> AxisMap:
         return axis_map(self.spec.param_layouts[name][axis], self.plans, self.frozen, inner)
@@ -122,7 +127,9 @@ class _Filler:
             self.stats.cache[key] = source_targets(S, wa, ba, wb, bb)
         method = self.solve if self.solve in ("regmean", "adam") else "least_squares"
         merged = measured.mean() if enough else None  # the merged network's own inputs (per conv group if grouped)
-        if w.kind == "grouped":  # conv group by conv group
+        if w.node in self.kept_apart and S is not None and w.kind != "grouped" and method == "least_squares":
+            sol = kept_apart_solution(self.stats.cache[key], (wa, ba, wb, bb), in_map, out_map, has_bias)
+        elif w.kind == "grouped":  # conv group by conv group
             per_in = getattr_path(self.gm_a, w.weight).shape[1] * w.taps
             sol = solve_grouped(S, (wa, ba, wb, bb), in_map, out_map, per_in, self.per_out(w), has_bias,
                                 self.ridge, "regmean" if method == "regmean" else "least_squares", merged=merged)
@@ -231,6 +238,8 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
     if solve not in SOLVES:
         raise PleasError(f"solve must be one of {SOLVES}, got {solve!r}")
     fillers = [_Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve) for merged, spec, plans in models]
+    for f in fillers:
+        f.kept_apart = kept_apart_layers(gm_a, gm_b, f.spec, f.plans, weights.nodes, f.exact_values)
     with torch.no_grad():
         _fill_all(fillers, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
@@ -247,11 +256,9 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
 def _job(f: _Filler, solved: list[WeightNode]) -> Job:
     """One model's merged-input refinement: its kept-apart layers are not re-solved, and its
     kept-apart values are zipped from the sources' instead of computed (passes/kept_apart.py)."""
-    values = kept_apart_values(f.gm_a, f.gm_b, f.spec, f.plans)
     zip_value = ActivationZip(f.spec, f.plans)
-    return Job(f.merged, f.merged_target, f.least_squares,
-               frozenset(kept_apart_layers(f.gm_a, f.gm_b, f.spec, f.plans, solved, values)),
-               frozenset(values), zip_value.zippable, zip_value)
+    return Job(f.merged, f.merged_target, f.least_squares, frozenset(f.kept_apart & {w.node for w in solved}),
+               frozenset(f.exact_values), zip_value.zippable, zip_value)
 
 
 def _fill_all(fillers: list[_Filler], weights: WeightPlan, solve: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from pleas_fx.core.ir import AxisMap
 
 SOLVES = ("least_squares", "regmean", "mapped", "adam")
+GRAM_CHUNK_BYTES = 4 * 2**20  # rows of M S gathered at a time by `StackedMerge.gram`
 
 
 # --------------------------------------------------------------------------- mapping through M
@@ -81,9 +82,22 @@ class StackedMerge:
             out = part if out is None else out.add_(part)
         return out
 
-    def gram(self, S: torch.Tensor) -> torch.Tensor:
-        """M S M^T: second moments of the modelled merged inputs."""
-        return self.apply(self.apply(S, 0), 1)
+    def gram(self, S: torch.Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> torch.Tensor:
+        """M S M^T: second moments of the modelled merged inputs, a few rows at a time (each
+        chunk of M S stays in cache while its row of blocks of the result is gathered: one
+        read of S's rows instead of several passes over d^2 intermediates)."""
+        k = len(self.w[0])
+        w = [torch.as_tensor(x, dtype=S.dtype, device=S.device) for x in self.w]
+        out = torch.empty(k, k, dtype=S.dtype, device=S.device)
+        step = max(1, chunk_bytes // (S.shape[1] * S.element_size()))
+        for start in range(0, k, step):
+            rows = slice(start, start + step)
+            t = S.index_select(0, self.idx[0][rows]).mul_(w[0][rows, None])
+            t.add_(S.index_select(0, self.idx[1][rows]).mul_(w[1][rows, None]))
+            block = out[rows]
+            block.copy_(t.index_select(1, self.idx[0])).mul_(w[0][None, :])
+            block.add_(t.index_select(1, self.idx[1]).mul_(w[1][None, :]))
+        return out
 
 
 # --------------------------------------------------------------------------- least squares
@@ -97,6 +111,26 @@ class LayerSolution:
     mean: torch.Tensor
     var: torch.Tensor
     fallback: bool = False  # the solve was ill-conditioned: the mapped weights were used
+
+
+def kept_apart_solution(targets, sources, in_map: AxisMap, out_map: AxisMap, has_bias: bool) -> "LayerSolution":
+    """A layer whose input and output features are all kept apart (passes/kept_apart.py): each
+    output row is its source's row on its source's inputs, the mapped weight W0, which fits the
+    targets exactly (so it is the least-squares solution); each output's mean and variance are
+    its source output's, from `targets` = E[y_s s^T] (`source_targets`): no Gram, no factor."""
+    wa, ba, wb, bb = sources
+    din = wa.shape[1]
+    maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
+    W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
+    moments = []
+    for y, w, b, own in ((targets[0], wa, ba, slice(0, din)), (targets[1], wb, bb, slice(din, 2 * din))):
+        mean = y[:, 2 * din]  # E[y]; E[y^2] = w E[x_own y] + b E[y]
+        moments.append((mean, (y[:, own] * w).sum(1) + b * mean - mean**2))
+    (mean_a, var_a), (mean_b, var_b) = moments
+    mean = zip_tensors(mean_a, mean_b, [out_map], ["out"])
+    var = zip_tensors(var_a, var_b, [out_map], ["out"])
+    n_in = in_map.size
+    return LayerSolution(W0[:, :n_in], W0[:, n_in] if has_bias else None, mean, var)
 
 
 def source_targets(S: torch.Tensor, wa, ba, wb, bb) -> tuple[torch.Tensor, torch.Tensor]:

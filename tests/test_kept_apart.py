@@ -198,3 +198,27 @@ def test_a_zip_that_differs_from_the_merged_values_turns_the_prefix_off(monkeypa
         got, made = _merge_outputs(monkeypatch, a, b, x, data, [1.8], on=True)
     assert made and not any(p.on for p in made)
     assert relative_error(got[0], want[0]) < 1e-6
+
+
+@nets.hypothesis_settings(10)
+@given(cfg=nets.net_configs(min_width=2), seed=st.integers(0, 10_000))
+def test_kept_apart_layers_filled_without_a_solve_equal_their_least_squares(cfg, seed):
+    """A layer between kept-apart values is written from its mapped weight and its sources' output
+    moments (linalg.kept_apart_solution), with no Gram and no factorisation: the same weights and
+    the same BatchNorm statistics as the least-squares solve it replaces (budget 2: every layer)."""
+    from pleas_fx.passes import fill as fill_pass
+    monkeypatch = pytest.MonkeyPatch()  # (function-scoped fixtures do not reset between hypothesis examples)
+    a, b = (nets.randomize_norms(nets.build(cfg, s).eval(), s) for s in (seed, seed + 1))
+    x, data = nets.example_and_data(cfg, seed, n_batches=3, batch_size=8)
+    fast = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(fill_pass, "kept_apart_layers", lambda *args, **kwargs: set())
+        solved = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
+    got, want = fast.state_dict(), solved.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if value.is_floating_point():
+            scale = float(value.abs().max()) + 1e-6
+            assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-5 * scale), name
+    with torch.no_grad():
+        assert relative_error(fast(x), solved(x)) < 1e-5
