@@ -408,3 +408,15 @@ def assert_self_merge_and_budget_two(a: nn.Module, b: nn.Module, x: torch.Tensor
     two = pleas_fx.merge(a, b, x, 2.0, data, progress=False)
     assert two.meta["pleas_fx"]["frozen"] == []
     assert relative_error(run(two, x), ensemble(a, b, x)) < 1e-4
+
+
+def digit_resnet_pair(width: int, n_batches: int, batch_size: int):
+    """Two differently initialised DigitResNets (pleas_fx.apps.demo) with random BatchNorm states,
+    and random 28x28 one-channel batches."""
+    from pleas_fx.apps.demo import DigitResNet
+    torch.manual_seed(0)
+    a, b = DigitResNet(width=width).eval(), DigitResNet(width=width).eval()
+    randomize_norms(a, 1)
+    randomize_norms(b, 2)
+    gen = torch.Generator().manual_seed(0)
+    return a, b, [torch.randn(batch_size, 1, 28, 28, generator=gen) for _ in range(n_batches)]

@@ -151,21 +151,10 @@ def test_a_merge_zipping_its_kept_apart_prefix_equals_one_that_runs_it(cfg, seed
         assert relative_error(got, want) < 1e-5
 
 
-def _digit_pair():
-    from pleas_fx.apps.demo import DigitResNet
-    torch.manual_seed(0)
-    a, b = DigitResNet(width=4).eval(), DigitResNet(width=4).eval()
-    nets.randomize_norms(a, 1)
-    nets.randomize_norms(b, 2)
-    gen = torch.Generator().manual_seed(0)
-    data = [torch.randn(16, 1, 28, 28, generator=gen) for _ in range(4)]
-    return a, b, data
-
-
 def test_the_kept_apart_prefix_is_not_run_and_gives_the_same_model(monkeypatch):
     """A budget that keeps the first stage of a ResNet apart: its merged model's prefix is skipped
     (none of its convolutions run on batches after the first), the result unchanged."""
-    a, b, data = _digit_pair()
+    a, b, data = nets.digit_resnet_pair(4, 4, 16)
     x = data[0][:4]
     runs: dict[int, int] = {}
     original = level_runner.LevelRunner.run_node
@@ -190,7 +179,7 @@ def test_the_kept_apart_prefix_is_not_run_and_gives_the_same_model(monkeypatch):
 def test_a_zip_that_differs_from_the_merged_values_turns_the_prefix_off(monkeypatch):
     """The first batch runs the prefix and checks every zipped value: a wrong zip is caught, the
     prefix is run for every batch instead, and the merged model is the one without it."""
-    a, b, data = _digit_pair()
+    a, b, data = nets.digit_resnet_pair(4, 4, 16)
     x = data[0][:4]
     want, _ = _merge_outputs(monkeypatch, a, b, x, data, [1.8], on=False)
     with monkeypatch.context() as m:

@@ -243,14 +243,8 @@ def test_layers_with_too_few_rows_for_a_re_solve_are_not_measured(monkeypatch):
     64 x 9 inputs from 4 x 196 rows) is not
     measured at all, and its source-input solution stands: the same model as when it was
     measured and then left as it was."""
-    from pleas_fx.apps.demo import DigitResNet
     from pleas_fx.passes import merged_inputs
-    torch.manual_seed(0)
-    a, b = DigitResNet(width=32).eval(), DigitResNet(width=32).eval()
-    nets.randomize_norms(a, 1)
-    nets.randomize_norms(b, 2)
-    gen = torch.Generator().manual_seed(0)
-    data = [torch.randn(2, 1, 28, 28, generator=gen) for _ in range(2)]
+    a, b, data = nets.digit_resnet_pair(32, 2, 2)
     measured: list[list[str]] = []
     original = merged_inputs.accumulate
 
