@@ -89,16 +89,19 @@ def held_bytes(states: list[State | None]) -> int:
 
 class KeptApartPrefix:
     """The nodes of one merged model not run because their values are the sources' own kept
-    apart (`exact`: names on model A's graph, passes/kept_apart.py). `boundary[n]`: the A name of
+    apart (`exact`: names on model A's graph, passes/kept_apart.py; the layers in `measured`, which
+    the model refines, excepted). `boundary[n]`: the A name of
     a skipped node some run node reads, zipped from the sources' values by `zip_value(name, v_a,
     v_b)`; `zippable(name)` says which values the zip can build (a skipped node that is not is
     run, and so are the nodes before it)."""
 
     def __init__(self, merged: fx.GraphModule, exact: set[str], zippable: Callable[[str], bool],
-                 zip_value: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor], b_names: dict[str, str]):
+                 zip_value: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor], b_names: dict[str, str],
+                 measured: set[str] = frozenset()):
         renamed = merged.meta.get("block_nodes", {})  # block-layer call -> the weight node it replaced
         a_name = {n: renamed.get(n.name, n.name) for n in merged.graph.nodes}
-        skipped = {n for n in merged.graph.nodes if n.op not in ("placeholder", "output") and a_name[n] in exact}
+        skipped = {n for n in merged.graph.nodes if n.op not in ("placeholder", "output") and a_name[n] in exact
+                   and a_name[n] not in measured}  # a layer the model refines runs (its input is read there)
         while True:
             boundary = {n for n in skipped if any(u not in skipped for u in n.users)}
             bad = {n for n in boundary if not zippable(a_name[n])}

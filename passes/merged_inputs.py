@@ -161,9 +161,10 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     runners = [LevelRunner(job.merged, ready_levels(job.merged, level_of, 0), ordered=unsafe(job.merged))
                for job in jobs]
     ordered_sources = unsafe(gm_a) or unsafe(gm_b)
-    prefixes = [KeptApartPrefix(job.merged, set(job.exact), job.zippable, job.zip_value, b_names)
+    measured = [{w.node for level in levels for w in level if w.node not in job.kept_apart} for job in jobs]
+    prefixes = [KeptApartPrefix(job.merged, set(job.exact), job.zippable, job.zip_value, b_names, measured[j])
                 if job.exact and job.zip_value is not None and not ordered_sources and not run.ordered else None
-                for job, run in zip(jobs, runners)]
+                for j, (job, run) in enumerate(zip(jobs, runners))]
     capture = [set().union(*[p.source_names()[side] for p in prefixes if p is not None]) for side in (0, 1)]
     sources = [LevelRunner(gm, ready_levels(gm, {b_names.get(n, n) if gm is gm_b else n: k for n, k in level_of.items()}, 1),
                            ordered=unsafe(gm), capture=capture[side]) for side, gm in enumerate((gm_a, gm_b))]
@@ -198,8 +199,8 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
                 if not todo[j]:  # nothing to measure here: the model runs up to its next refined level then
                     continue
                 was_on = prefix is not None and prefix.on
-                st[2 + j], xm, _ = run.advance(st[2 + j], args, k, {renamed[j].get(n, n): n for n in names}, {},
-                                               prefix, (st[0], st[1]), check=i == 0)
+                reads = {renamed[j].get(w.node, w.node): w.node for w in todo[j]}  # the inputs of its refined layers
+                st[2 + j], xm, _ = run.advance(st[2 + j], args, k, reads, {}, prefix, (st[0], st[1]), check=i == 0)
                 if was_on and not prefix.on:  # batches that skipped the prefix run again from the input
                     for other in states[1:]:
                         other[2 + j] = None

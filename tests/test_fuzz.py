@@ -90,3 +90,10 @@ def test_untraceable_net_is_refused():
     rec = run_net(0, "unknown", BUDGETS, cfg=cfg)
     assert rec["outcome"] == "refused", failures(rec)
     assert rec["errors"][0]["type"] == "TraceError"
+
+
+def test_a_refined_layer_beside_a_kept_apart_one_in_a_skipped_prefix():
+    """Campaign seed 5221 at budgets 1.3 / 1.7 / 2: at 1.7 one level holds a refined layer beside a
+    kept-apart one whose input lies inside the kept-apart prefix, which is not run; the
+    refinement reads the inputs of the layers it refines only."""
+    _assert_passes(run_net(5221, None, (1.3, 1.7, 2.0)))
