@@ -92,8 +92,18 @@ def test_untraceable_net_is_refused():
     assert rec["errors"][0]["type"] == "TraceError"
 
 
-def test_a_refined_layer_beside_a_kept_apart_one_in_a_skipped_prefix():
-    """Campaign seed 5221 at budgets 1.3 / 1.7 / 2: at 1.7 one level holds a refined layer beside a
-    kept-apart one whose input lies inside the kept-apart prefix, which is not run; the
-    refinement reads the inputs of the layers it refines only."""
-    _assert_passes(run_net(5221, None, (1.3, 1.7, 2.0)))
+# fixed bugs found by the campaign at budgets 1.3 / 1.7 / 2
+FIXED_AT_PARTIAL_BUDGETS = {
+    # one level holds a refined layer beside a kept-apart one whose input lies inside the
+    # kept-apart prefix, which is not run: the refinement reads the inputs of refined layers only
+    "refined_beside_skipped_prefix": [5221],
+    # a one-channel gate viewed as (B, 1, 1, 1): the channel stays on axis 1, not the last
+    # size-1 axis (widened, it was broadcast along the map's width)
+    "singleton_gate_view": [5027, 5256],
+}
+
+
+@pytest.mark.parametrize("bug", sorted(FIXED_AT_PARTIAL_BUDGETS))
+def test_fixed_bug_at_partial_budgets_stays_fixed(bug):
+    for seed in FIXED_AT_PARTIAL_BUDGETS[bug]:
+        _assert_passes(run_net(seed, None, (1.3, 1.7, 2.0)))

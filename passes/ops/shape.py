@@ -106,6 +106,11 @@ def reshape(ctx, node):
             for lay, n in zip(out, out_sizes)]
 
 
+def _trailing_ones(sizes: list[int]) -> int:
+    """How many size-1 axes end `sizes`."""
+    return next((k for k, n in enumerate(reversed(sizes)) if n != 1), len(sizes))
+
+
 def _singleton_heads(ctx, x, in_sizes, out_sizes, blocks, out) -> set[int]:
     """A single attention head: a size-1 axis next to the entries axis that it holds the one unit of
     (align_reshape leaves size-1 axes out). (B, N, C) -> (B, N, 1, C) as the last two axes (batch
@@ -117,7 +122,12 @@ def _singleton_heads(ctx, x, in_sizes, out_sizes, blocks, out) -> set[int]:
     returns the input size-1 axes kept."""
     kept: set[int] = set()
     if in_sizes and out_sizes and in_sizes[-1] == out_sizes[-1] == 1 and not ctx.is_frozen(x[-1]):
-        out[-1] = x[-1]  # a trailing size-1 axis stays (one head of a position-bias table: (.., 1) -> (-1, 1))
+        # a trailing size-1 axis stays (one head of a position-bias table: (.., 1) -> (-1, 1)), at its
+        # place in the trailing run of size-1 axes: axes appended after it are new ((B, 1) -> (B, 1, 1, 1),
+        # a one-channel gate broadcast over a map, keeps the channel on axis 1)
+        run_in, run_out = _trailing_ones(in_sizes), _trailing_ones(out_sizes)
+        at = len(out_sizes) - run_out + run_in - 1 if run_out > run_in else len(out_sizes) - 1
+        out[at] = x[-1]
         kept.add(len(in_sizes) - 1)
     for ins, outs in blocks:
         if len(ins) != 1 or len(outs) != 1:
