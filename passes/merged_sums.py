@@ -20,6 +20,7 @@ from pleas_fx.passes.patch_plan import node_output_size, node_pads, patches_at
 from pleas_fx.passes.positions import conv_positions, draw
 
 CHUNK_ROWS = 8192  # rows per low-precision product before the float64 sum
+UNFOLD_BYTES = 2**22  # a batch's im2col patches up to this size: E[y~ x~^T] from them (`_target_cross`)
 
 
 @dataclass
@@ -76,6 +77,23 @@ class Rows:
     gen: torch.Generator
 
 
+def _target_cross(xm: torch.Tensor, y: torch.Tensor, w: WeightNode, pads) -> torch.Tensor:
+    """sum over samples and positions of y~ x~^T for a convolution, every position: from the
+    im2col patches where they are small (UNFOLD_BYTES), else as the weight gradient of a
+    convolution with output gradient y~ (one backward convolution, no patches). Small maps take
+    the patches also because torch's weight-gradient kernel corrupted the heap on a net of
+    one-channel maps (fuzz seed 7062 at budgets 1.3 / 1.7 / 2; not reproduced outside it)."""
+    (pt, pb), (pl, pr) = pads
+    xp = F.pad(xm, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xm
+    padding = (pt, pl) if (pt, pl) == (pb, pr) else 0
+    taps = xm.shape[1] * w.kernel[0] * w.kernel[1]
+    if xm.shape[0] * taps * y.shape[2] * y.shape[3] * xm.element_size() <= UNFOLD_BYTES:
+        cols = F.unfold(xp, w.kernel, dilation=w.dilation, padding=padding, stride=w.stride)  # (N, taps, L)
+        return torch.einsum("nol,ncl->oc", y.flatten(2), cols)
+    grad = torch.nn.grad.conv2d_weight(xp, (y.shape[1], xm.shape[1], *w.kernel), y, w.stride, padding, w.dilation)
+    return grad.reshape(grad.shape[0], -1)
+
+
 def row_count(w: WeightNode, xm: torch.Tensor, rows: Rows, per_in: int | None = None) -> tuple[int, int]:
     """(rows per sample, input entries per row) that `accumulate` (`accumulate_grouped` with
     `per_in` input channels per conv group) reads from a batch with merged input `xm`."""
@@ -122,11 +140,7 @@ def accumulate(acc: Sums | None, w: WeightNode, xm: torch.Tensor, y: torch.Tenso
         acc.sum_y += y.sum((0, 2, 3)).to(dtype)
         acc.sq_y += (y * y).sum((0, 2, 3)).to(dtype)
         conv_patch_sums(xm, None, w.kernel, w.stride, pads, w.dilation, out=acc.gram)
-        (pt, pb), (pl, pr) = pads
-        xp = F.pad(xm, (pl, pr, pt, pb)) if (pt, pl) != (pb, pr) else xm
-        grad = torch.nn.grad.conv2d_weight(xp, (y.shape[1], xm.shape[1], *w.kernel), y, w.stride,
-                                           (pt, pl) if (pt, pl) == (pb, pr) else 0, w.dilation)
-        acc.cross += grad.reshape(grad.shape[0], -1).to(dtype)  # F.unfold's order: channel, then taps
+        acc.cross += _target_cross(xm, y, w, pads).to(dtype)  # F.unfold's order: channel, then taps
         return acc
     step = max(1, CHUNK_ROWS // positions)
     for start in range(0, xm.shape[0], step):

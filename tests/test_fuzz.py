@@ -100,6 +100,9 @@ FIXED_AT_PARTIAL_BUDGETS = {
     # a one-channel gate viewed as (B, 1, 1, 1): the channel stays on axis 1, not the last
     # size-1 axis (widened, it was broadcast along the map's width)
     "singleton_gate_view": [5027, 5256],
+    # one-channel maps: torch's convolution weight gradient corrupted the heap (the process
+    # aborted); small maps take E[y~ x~^T] from their patches (merged_sums._target_cross)
+    "one_channel_weight_gradient": [7062],
 }
 
 

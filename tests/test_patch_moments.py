@@ -176,3 +176,30 @@ def test_one_map_gives_its_own_patch_moments(geometry, method):
     acc = conv_patch_sums(xa[:1], None, *geometry, method=method)  # accumulating into running sums
     conv_patch_sums(xa[1:], None, *geometry, out=acc, method=method)
     assert ((acc.aa - want.aa).abs().max() / want.aa.abs().max()).item() < 1e-12
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(kernel=st.sampled_from([(1, 1), (3, 3), (2, 3)]), stride=st.sampled_from([(1, 1), (2, 2), (1, 2)]),
+       pads=st.sampled_from([((0, 0), (0, 0)), ((1, 1), (1, 1)), ((0, 1), (1, 0))]),
+       dilation=st.sampled_from([(1, 1), (2, 2)]), c=st.integers(1, 4), size=st.integers(5, 9), seed=st.integers(0, 999))
+def test_target_cross_from_patches_equals_the_weight_gradient(kernel, stride, pads, dilation, c, size, seed):
+    """E[y~ x~^T] of merged-input least squares: from im2col patches (small maps) or as a
+    convolution's weight gradient (large ones), the same sums (F.unfold's channel-then-taps order)."""
+    from pleas_fx.core.ir import WeightNode
+    from pleas_fx.passes import merged_sums
+    from pleas_fx.passes.patch_plan import node_output_size
+    w = WeightNode("conv", "conv.weight", None, "conv", kernel=kernel, stride=stride, padding=pads, dilation=dilation)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, c, size, size, generator=gen, dtype=torch.float64)
+    out_h, out_w = node_output_size(w, x)
+    assume(out_h > 0 and out_w > 0)
+    y = torch.randn(3, 5, out_h, out_w, generator=gen, dtype=torch.float64)
+    saved = merged_sums.UNFOLD_BYTES
+    try:
+        merged_sums.UNFOLD_BYTES = 2**40
+        patches = merged_sums._target_cross(x, y, w, pads)
+        merged_sums.UNFOLD_BYTES = 0
+        gradient = merged_sums._target_cross(x, y, w, pads)
+    finally:
+        merged_sums.UNFOLD_BYTES = saved
+    torch.testing.assert_close(patches, gradient, rtol=1e-10, atol=1e-10)
