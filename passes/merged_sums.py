@@ -2,7 +2,8 @@
 model at a time: E[x~ x~^T] of the merged input (im2col patches for a convolution: exact by
 passes/patch_moments.py with one map, or at drawn output positions, passes/positions.py),
 E[y~ x~^T] against the merged target y~ (for a convolution at every position: the weight
-gradient of a convolution with output gradient y~, one backward convolution) and E[y~^2],
+gradient of a convolution with output gradient y~, one backward convolution, or from the
+im2col patches where they are small) and E[y~^2],
 summed in float64. A grouped convolution keeps one set per conv group, over its own inputs."""
 from __future__ import annotations
 
