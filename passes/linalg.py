@@ -113,6 +113,16 @@ class LayerSolution:
     fallback: bool = False  # the solve was ill-conditioned: the mapped weights were used
 
 
+def mapped_weight(sources, in_map: AxisMap, out_map: AxisMap) -> torch.Tensor:
+    """W0 = M_out blkdiag([W_A b_A], [W_B b_B]) U_in: the permute-and-average weight of the
+    bias-augmented source layers `sources` = (W_A, b_A, W_B, b_B), columns in input order, the
+    constant last."""
+    wa, ba, wb, bb = sources
+    din = wa.shape[1]
+    maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
+    return zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
+
+
 def kept_apart_solution(targets, sources, in_map: AxisMap, out_map: AxisMap, has_bias: bool) -> "LayerSolution":
     """A layer whose input and output features are all kept apart (passes/kept_apart.py): each
     output row is its source's row on its source's inputs, the mapped weight W0, which fits the
@@ -120,8 +130,7 @@ def kept_apart_solution(targets, sources, in_map: AxisMap, out_map: AxisMap, has
     its source output's, from `targets` = E[y_s s^T] (`source_targets`): no Gram, no factor."""
     wa, ba, wb, bb = sources
     din = wa.shape[1]
-    maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
-    W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
+    W0 = mapped_weight(sources, in_map, out_map)
     moments = []
     for y, w, b, own in ((targets[0], wa, ba, slice(0, din)), (targets[1], wb, bb, slice(din, 2 * din))):
         mean = y[:, 2 * din]  # E[y]; E[y^2] = w E[x_own y] + b E[y]
@@ -198,9 +207,7 @@ def solve_layer(S: torch.Tensor | None, targets: tuple[torch.Tensor, torch.Tenso
     order = np.concatenate(blocks)
     n_s, n_a = len(blocks[0]), len(blocks[1])
     order_t = torch.as_tensor(order, device=wa.device)
-    maps0 = [out_map, AxisMap(np.append(in_map.idx_a, din), np.append(in_map.idx_b, din), in_map.frozen)]
-    W0 = zip_tensors(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1), maps0, ["out", "in"])
-    W0 = W0.index_select(1, order_t)
+    W0 = mapped_weight(sources, in_map, out_map).index_select(1, order_t)
     reg = torch.ones(len(order), dtype=W0.dtype, device=W0.device)
     reg[order_t == n_in] = 0.0  # the bias (constant input) is not regularised
     if S is None:  # no source moments (deferred to the refinement): the measured inputs alone
