@@ -107,7 +107,7 @@ class KeptApartPrefix:
             bad = {n for n in boundary if not zippable(a_name[n])}
             if not bad:
                 break
-            skipped -= bad | {m for m in skipped if _depends_on(m, bad)}
+            skipped -= bad | {m for m in skipped if _feeds(m, bad)}  # they run, and what they read
         self.skipped = skipped
         self.boundary = {n: a_name[n] for n in boundary}
         self.zip_value, self.b_names = zip_value, b_names
@@ -131,7 +131,8 @@ class KeptApartPrefix:
             self.on = False
 
 
-def _depends_on(n: fx.Node, nodes: set[fx.Node]) -> bool:
+def _feeds(n: fx.Node, nodes: set[fx.Node]) -> bool:
+    """Whether some node of `nodes` reads n's value, directly or through other nodes."""
     seen, todo = set(), list(n.users)
     while todo:
         m = todo.pop()
