@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class _Filler:
-    def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge, solve="least_squares"):
+    def __init__(self, merged, gm_a, gm_b, spec, plans, stats, ridge, solve="least_squares", nodes=()):
         self.merged, self.gm_a, self.gm_b, self.spec = merged, gm_a, gm_b, spec
         self.plans, self.stats, self.ridge, self.solve = plans, stats, ridge, solve
         self.frozen = spec.fixed()
@@ -47,7 +47,7 @@ class _Filler:
         # the nodes whose merged values are the sources' own kept apart, and the weight nodes
         # between such values (passes/kept_apart.py): filled exactly by their mapped weights
         self.exact_values = kept_apart_values(gm_a, gm_b, spec, plans) if solve == "least_squares" else set()
-        self.kept_apart: set[str] = set()
+        self.kept_apart = kept_apart_layers(gm_a, gm_b, spec, plans, list(nodes), self.exact_values)
 
     def amap(self, name: str, axis: int, inner: int = 1) -> AxisMap:
         return axis_map(self.spec.param_layouts[name][axis], self.plans, self.frozen, inner)
@@ -101,6 +101,9 @@ class _Filler:
     def least_squares(self, w: WeightNode, measured=None) -> None:
         """Solve one weight node; `measured`: the merged network's own input sums at it
         (passes/merged_inputs.py), for merged-input least squares."""
+        enough = measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1)
+        if not enough and w.weight in self.done and w.node in self.stats.least_squares:
+            return  # too few merged-input rows: the fill's source-input solution stands
         wa, wb = (t.double().reshape(t.shape[0], -1) for t in self.source(w.weight))
         zeros = torch.zeros(wa.shape[0], dtype=wa.dtype, device=wa.device)
         ba, bb = (t.double() for t in self.source(w.bias)) if w.bias else (zeros, zeros)
@@ -115,12 +118,9 @@ class _Filler:
         if not (out_map.pairwise and in_map.pairwise):
             raise PleasError(f"{w.node}: least squares needs plans that merge features of A with "
                              f"features of B only (ZipIt!-style plans are filled with solve='mapped')")
-        enough = measured is not None and measured.gram.count >= MIN_ROWS_PER_INPUT * (measured.gram.dim_a + 1)
         S = self.stats.source_mean(w.node)
         if S is None and not enough:  # deferred by the statistics pass: measured inputs only (statistics.py)
             self.notes.append(f"{w.node}: too few merged-input rows and no source moments; used the mapped weights")
-            return
-        if S is not None and not enough and w.weight in self.done:  # the fill's source-input solution stands
             return
         key = ("source_targets", w.node)  # budget-independent: cached across budgets
         if S is not None and key not in self.stats.cache and w.kind != "grouped":
@@ -237,9 +237,8 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
     Returns each model's notes."""
     if solve not in SOLVES:
         raise PleasError(f"solve must be one of {SOLVES}, got {solve!r}")
-    fillers = [_Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve) for merged, spec, plans in models]
-    for f in fillers:
-        f.kept_apart = kept_apart_layers(gm_a, gm_b, f.spec, f.plans, weights.nodes, f.exact_values)
+    fillers = [_Filler(merged, gm_a, gm_b, spec, plans, stats, ridge, solve, weights.nodes)
+               for merged, spec, plans in models]
     with torch.no_grad():
         _fill_all(fillers, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
