@@ -420,3 +420,21 @@ def digit_resnet_pair(width: int, n_batches: int, batch_size: int):
     randomize_norms(b, 2)
     gen = torch.Generator().manual_seed(0)
     return a, b, [torch.randn(batch_size, 1, 28, 28, generator=gen) for _ in range(n_batches)]
+
+
+def trained_digit_pair():
+    """Two small digit ResNets (width 8, 14x14 real MNIST digits) from different seeds, A trained
+    one epoch on digits 0-4 and B on 5-9 (joint 10-way head): ([a, b], 4 calibration batches of
+    100 training images as 1-tuples, (test images, test labels))."""
+    from pleas_fx.apps.demo import DigitResNet, load_digits_split, train_model
+
+    d = load_digits_split()
+    x, y = d["x_train"][:, :, ::2, ::2].contiguous(), d["y_train"]
+    models = []
+    for seed, classes in ((0, y < 5), (1, y >= 5)):
+        torch.manual_seed(seed)
+        models.append(train_model(DigitResNet(width=8), x[classes], y[classes], epochs=1, seed=seed))
+    xt, yt = d["x_test"][:, :, ::2, ::2].contiguous(), d["y_test"]
+    gen = torch.Generator().manual_seed(0)
+    calib = [(x[i],) for i in torch.randperm(len(x), generator=gen)[:400].split(100)]
+    return models, calib, (xt, yt)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import nets
 import pleas_fx
-from pleas_fx.apps.demo import DigitResNet, load_digits_split, train_model
+from pleas_fx.apps.demo import DigitResNet
 from pleas_fx.passes.merged_inputs import weight_levels
 from pleas_fx.passes.methods import repair_batchnorm
 from pleas_fx.passes.trace import propagate_shapes, trace_model
@@ -102,17 +102,7 @@ def test_merged_input_least_squares_is_closer_to_the_ensemble_on_a_deep_vit(vit_
 
 @pytest.fixture(scope="module")
 def digit_pair():
-    """Two small digit ResNets from different seeds, A on digits 0-4 and B on 5-9 (joint head)."""
-    d = load_digits_split()
-    x, y = d["x_train"][:, :, ::2, ::2].contiguous(), d["y_train"]
-    models = []
-    for seed, classes in ((0, y < 5), (1, y >= 5)):
-        torch.manual_seed(seed)
-        models.append(train_model(DigitResNet(width=8), x[classes], y[classes], epochs=1, seed=seed))
-    xt, yt = d["x_test"][:, :, ::2, ::2].contiguous(), d["y_test"]
-    gen = torch.Generator().manual_seed(0)
-    calib = [(x[i],) for i in torch.randperm(len(x), generator=gen)[:400].split(100)]
-    return models, calib, (xt, yt)
+    return nets.trained_digit_pair()
 
 
 def _accuracy(model, test):
