@@ -24,11 +24,11 @@ class Calibration:
 
 def calibration(opts: MergeOptions, traced: TracedPair) -> Calibration:
     """The calibration batches of a merge. The user's batches are read lazily, once, unless a
-    later step (BatchNorm repair, merged-input least squares) reads them again."""
+    later step (BatchNorm repair, merged-input least squares, distillation) reads them again."""
     data, inputs = opts.data, model_inputs(traced.gm_a)
     if opts.user_data:
         batches: Iterable[tuple] = checked_batches(data, traced.example_args, opts.max_batches, inputs)
-        if opts.repair or opts.merged_inputs:
+        if opts.repair or opts.merged_inputs or opts.distill:
             batches = list(batches)
         total = opts.max_batches if opts.max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
         return Calibration(batches, total)

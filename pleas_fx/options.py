@@ -58,6 +58,8 @@ class MergeOptions:
     least_squares: str = "merged"
     layernorm: str = "per_model"
     emit: str = "compact"
+    distill: int = 0
+    distill_lr: float = 3e-4
 
     @classmethod
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
@@ -69,7 +71,8 @@ class MergeOptions:
                   allocation_time_limit: float = 10.0, proxy: str = "cost",
                   evaluate: Callable[[torch.nn.Module], float] | None = None,
                   frozen: str | None = None, least_squares: str = "merged",
-                  layernorm: str = "per_model", emit: str = "compact") -> "MergeOptions":
+                  layernorm: str = "per_model", emit: str = "compact", distill: int = 0,
+                  distill_lr: float = 3e-4) -> "MergeOptions":
         budgets = check_budgets(budget)
         allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy,
                                                evaluate)
@@ -93,13 +96,17 @@ class MergeOptions:
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
-                                 ("max_ls_dim", max_ls_dim, 1),
+                                 ("max_ls_dim", max_ls_dim, 1), ("distill", distill, 0),
                                  ("positions", None if positions == AUTO else positions, 1)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 also = ' or "auto"' if name == "positions" else ""
-                raise PleasError(f"{name} must be a positive integer{also}, got {value!r}")
+                kind = "a positive integer" if low > 0 else "an integer >= 0 (epochs; 0: off)"
+                raise PleasError(f"{name} must be {kind}{also}, got {value!r}")
         if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not (math.isfinite(ridge) and ridge >= 0):
             raise PleasError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        if (not isinstance(distill_lr, (int, float)) or isinstance(distill_lr, bool)
+                or not (math.isfinite(distill_lr) and distill_lr > 0)):
+            raise PleasError(f"distill_lr must be a finite number > 0, got {distill_lr!r}")
         return cls(
             budgets=budgets, many=isinstance(budget, (list, tuple)), method=how,
             matching=resolve_matching(how, matching, data is not None), heads=heads,
@@ -107,7 +114,7 @@ class MergeOptions:
             max_batches=max_batches, generated_batches_count=generated_batches_count, ridge=float(ridge),
             max_ls_dim=max_ls_dim, stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed,
             allocation=allocation_options, frozen=frozen, least_squares=least_squares,
-            layernorm=layernorm, emit=emit,
+            layernorm=layernorm, emit=emit, distill=distill, distill_lr=float(distill_lr),
         )
 
     @property

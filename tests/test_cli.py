@@ -154,12 +154,14 @@ def test_end_to_end_command(files, tmp_path):
 
 def test_tensor_file_and_other_checkpoint_formats(files, tmp_path, capsys):
     out = tmp_path / "t"
-    status, stdout, err = _run(_merge_args(files, out, "--budget", "1.2", "--quiet", "--batches", "2",
+    status, stdout, err = _run(_merge_args(files, out, "--budget", "1.2", "--quiet", "--batches", "2", "--distill", "2",
                                            a="a.safetensors", b="b.pth", data="inputs.pt"), capsys)
     assert status == 0, err
     assert err == ""  # --quiet: nothing on stderr
     report = json.loads((out / "report.json").read_text())
     assert report["models"][0]["statistics"]["batches"] == 2
+    assert report["models"][0]["distill"]["epochs"] == 2  # 2 batches of 8: one chunk held out, one trained on
+    assert report["models"][0]["distill"]["steps"] == 2
     assert report["evaluation"] is None and not (out / "accuracy.png").exists()
     pleas_fx.load(out / "budget_1.2")
 
@@ -203,6 +205,7 @@ def _bad_folder(files, tmp_path, kind):
     ("bad model kwargs", r"--model-kwargs is not valid JSON"),
     ("eval without labels", r"--eval .* has no labels"),
     ("pickled model", r"cannot read checkpoint .*weights_only"),
+    ("negative distill", r"distill must be an integer >= 0 \(epochs; 0: off\), got -1"),
 ])
 def test_bad_input_exits_with_one_line(files, tmp_path, capsys, case, message):
     out = tmp_path / "out"
@@ -233,6 +236,8 @@ def test_bad_input_exits_with_one_line(files, tmp_path, capsys, case, message):
         argv += ["--model-kwargs", "{num_classes: 3}"]
     elif case == "eval without labels":
         argv += ["--eval", files / "inputs.pt"]
+    elif case == "negative distill":
+        argv += ["--distill", "-1"]
     elif case == "pickled model":
         bad = tmp_path / "model.pt"
         torch.save(__import__(NETS).make(), bad)

@@ -23,7 +23,9 @@ two pre-norm blocks with 4-head fused-qkv attention; no BatchNorm, so repair cha
 Rows (METHOD_KWARGS): pleas (the default: merged-input least squares, per-model LayerNorm),
 pleas_source (the previous default: least_squares="source", layernorm="shared"),
 pleas_source_repair (the previous repair=True), pleas_adam (the official code's recipe: Adam on
-the layer-wise objective + BatchNorm reset), pleas_shared_ln; an "Acceptance checks" list
+the layer-wise objective + BatchNorm reset), pleas_shared_ln, pleas_distill (the default plus
+`distill=20`: 20 epochs of distillation towards the ensemble on the calibration images; opt-in),
+pleas_distill60 (60 epochs); an "Acceptance checks" list
 (issue 16) follows the tables. Older rows: ensemble (the upper bound, 2x), pleas, pleas_repair (pleas with repair=True: BatchNorm
 statistics reset on the calibration data after merging), pleas_free (pleas with procedural
 calibration images instead of the domains' data), average, rebasin_weight, permute, zipit, regmean, at
@@ -67,6 +69,8 @@ METHOD_KWARGS = {
     "pleas_source_repair": {"least_squares": "source", "layernorm": "shared", "repair": True},  # previous repair=True
     "pleas_shared_ln": {"layernorm": "shared"},  # the default with one LayerNorm over the widened stream
     "pleas_repair": {"repair": True},
+    "pleas_distill": {"distill": 20},  # the default + 20 epochs of distillation towards the ensemble (opt-in)
+    "pleas_distill60": {"distill": 60},  # the same, 60 epochs
     "pleas_adam": {"method": "pleas_adam"},  # the official code's recipe: Adam 400 steps + BatchNorm reset
     "pleas_free": {"data": "procedural"},
     "average": {"method": "average"},
