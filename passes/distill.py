@@ -44,13 +44,16 @@ NEGLIGIBLE = 1e-10  # a held-out loss (relative to the targets' mean square) thi
 
 
 def chunks(batches: Iterable[tuple], size: int = CHUNK) -> list[tuple]:
-    """The calibration batches cut into argument tuples of at most `size` samples: every tensor
-    whose leading size is the batch's sample count is sliced, anything else is passed whole."""
+    """The calibration batches cut into argument tuples of at most `size` samples, as even as
+    possible (100 samples: 25 each): every tensor whose leading size is the batch's sample count
+    is sliced, anything else is passed whole."""
     out = []
     for args in batches:
         n = batch_samples(args)
-        for start in range(0, max(n, 1), size):
-            cut = lambda v: v[start:start + size] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
+        parts = max(1, math.ceil(n / size))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            cut = lambda v: v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
             out.append(tree_map(cut, args))
     return out
 

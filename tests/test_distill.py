@@ -32,7 +32,7 @@ def test_distillation_lowers_the_held_out_loss_and_stores_the_same_parameters(pa
     tuned = pleas_fx.merge(a, b, x, [1.0, 1.5], data, progress=False, distill=10)
     for p, t in zip(plain, tuned):
         report = t.meta["pleas_fx"]["distill"]
-        assert report["steps"] == 10 * 12  # 4 batches of 100: 16 chunks (32, 32, 32, 4 samples), every fifth held out
+        assert report["steps"] == 10 * 12  # 4 batches of 100: 16 chunks of 25, every fifth held out
         assert 1 <= report["kept_epoch"] <= 10
         assert report["holdout_after"] < 0.95 * report["holdout_before"]
         assert sum(v.numel() for v in t.parameters()) == sum(v.numel() for v in p.parameters())
@@ -46,7 +46,7 @@ def test_distillation_lowers_the_held_out_loss_and_stores_the_same_parameters(pa
 def test_chunks_cut_every_batch_tensor_and_keep_other_arguments():
     batch = (torch.arange(70).reshape(70, 1).float(), 3, torch.ones(5))
     parts = chunks([batch], size=32)
-    assert [p[0].shape[0] for p in parts] == [32, 32, 6]
+    assert [p[0].shape[0] for p in parts] == [23, 24, 23]
     assert torch.equal(torch.cat([p[0] for p in parts]), batch[0])
     assert all(p[1] == 3 and p[2].shape == (5,) for p in parts)  # not the batch's leading size: whole
 
