@@ -163,8 +163,8 @@ def merge(
             mode, zero entries kept zero, a fifth of the samples held out and the best epoch
             kept, never worse than the fill on them; skipped at budget 2). Each epoch costs
             about three forward passes of the merged model over the calibration data; on the digit
-            CNN pairs of tools/bench_methods.py, 20 epochs added 1.3-3.1 points at budget 1 and 60
-            epochs 1.5-5.6 (README).
+            CNN pairs of tools/bench_methods.py, 20 epochs added 1.6-4.3 points at budget 1 and 60
+            epochs 1.7-6.2 (README).
         distill_lr: Adam's learning rate for `distill`, decayed to 0 on a cosine.
 
     Returns:
