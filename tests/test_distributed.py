@@ -28,12 +28,12 @@ def _models():
     return make(0), make(1), data
 
 
-def _worker(rank: int, world: int, port: int, out: str, positions) -> None:
+def _worker(rank: int, world: int, port: int, out: str, kwargs: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         a, b, data = _models()
-        merged = pleas_fx.merge(a, b, data[0][:2], BUDGETS, data, positions=positions)
+        merged = pleas_fx.merge(a, b, data[0][:2], BUDGETS, data, **kwargs)
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
         torch.save({"outputs": [m(x).detach() for m in merged], "batches": merged[0].meta["pleas_fx"]["statistics"]},
                    f"{out}.{rank}")
@@ -48,13 +48,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("positions", ["auto", 5])  # 5: drawn positions, the same rows whatever the sharding
-def test_two_gloo_processes_merge_as_one_process(tmp_path, positions):
+@pytest.mark.parametrize("kwargs", [
+    {"positions": "auto"},
+    {"positions": 5},  # drawn positions: the same rows whatever the sharding
+    {"positions": "auto", "distill": 3},  # every rank distils on every batch
+])
+def test_two_gloo_processes_merge_as_one_process(tmp_path, kwargs):
     a, b, data = _models()
-    single = pleas_fx.merge(a, b, data[0][:2], BUDGETS, data, positions=positions)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the distilled weights depend on the order of float sums
+    try:
+        single = pleas_fx.merge(a, b, data[0][:2], BUDGETS, data, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, _free_port(), out, positions), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), out, kwargs), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
         assert got["batches"]["batches"] == 5 and got["batches"]["samples"] == 30  # every batch, once
