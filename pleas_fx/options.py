@@ -96,14 +96,15 @@ class MergeOptions:
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
-                                 ("max_ls_dim", max_ls_dim, 1), ("distill", distill, 0),
+                                 ("max_ls_dim", max_ls_dim, 1),
                                  ("positions", None if positions == AUTO else positions, 1)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 also = ' or "auto"' if name == "positions" else ""
-                kind = "a positive integer" if low > 0 else "an integer >= 0 (epochs; 0: off)"
-                raise PleasError(f"{name} must be {kind}{also}, got {value!r}")
+                raise PleasError(f"{name} must be a positive integer{also}, got {value!r}")
         if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not (math.isfinite(ridge) and ridge >= 0):
             raise PleasError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        if not isinstance(distill, int) or isinstance(distill, bool) or distill < 0:
+            raise PleasError(f"distill must be an integer >= 0 (epochs; 0: off), got {distill!r}")
         if (not isinstance(distill_lr, (int, float)) or isinstance(distill_lr, bool)
                 or not (math.isfinite(distill_lr) and distill_lr > 0)):
             raise PleasError(f"distill_lr must be a finite number > 0, got {distill_lr!r}")
