@@ -325,6 +325,16 @@ def _merge_command(args, argv: list[str]) -> int:
     return 0
 
 
+def _distilled(report: dict) -> str:
+    """One budget's distillation, in a few words (passes/distill.py's report)."""
+    if "skipped" in report:
+        return f"skipped ({report['skipped']})"
+    change = f"{report['holdout_before']:.3g} -> {report['holdout_after']:.3g}"
+    if report["kept_epoch"]:
+        return f"{change} (epoch {report['kept_epoch']} of {report['epochs']})"
+    return f"{change} (no epoch improved on it: the merged weights kept)"
+
+
 def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
     acc = {p["budget"]: p["accuracy"] for p in evaluation["accuracy"]["merged"]} if evaluation else {}
     lines = [f"merged {args.model} at {len(budgets)} budget{'s' if len(budgets) > 1 else ''} in "
@@ -349,6 +359,10 @@ def _summary(args, out: Path, budgets, merged, timings, evaluation) -> None:
         lines.append(f"  frozen: {frozen['frozen_units']} of {frozen['hidden_units']} hidden units "
                      f"({100 * frozen['frozen_share']:.1f}%) could not be aligned ({reasons}); "
                      f"see `{PROG} inspect {args.model}`")
+    distilled = [(b, m.meta.get("pleas_fx", {}).get("distill")) for b, m in zip(budgets, merged)]
+    if any(d for _, d in distilled):
+        lines.append("  distilled, held-out loss per budget: " + "; ".join(
+            f"{b:g}: {_distilled(d)}" for b, d in distilled if d))
     lines.append(f"  report: {out / 'report.json'}")
     say(*lines)
 
