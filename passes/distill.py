@@ -105,17 +105,18 @@ def distill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, 
     parts = chunks(batches)
     if len(parts) < 2:
         return {**report, "skipped": "fewer than two calibration chunks (nothing to hold out)", "seconds": 0.0}
-    held = list(range(0, len(parts), HOLDOUT))
-    if len(held) == len(parts):
-        held = held[:1]
-    train = [i for i in range(len(parts)) if i not in set(held)]
+    held = range(0, len(parts), HOLDOUT)  # with two chunks or more, some are left to train on
+    train = [i for i in range(len(parts)) if i % HOLDOUT]
     merged.eval()
     targets = [ensemble_targets(gm_a, gm_b, args, separate) for args in parts]
     loss_fn = _Loss([targets[i] for i in train])
 
+    def chunk_loss(k: int) -> torch.Tensor:
+        return loss_fn(_outputs(merged(*parts[k]), "merged"), targets[k])
+
     def held_loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_fn(_outputs(merged(*parts[i]), "merged"), targets[i])) for i in held) / len(held)
+            return sum(float(chunk_loss(i)) for i in held) / len(held)
 
     before = held_loss()
     report["holdout_before"] = before
@@ -124,7 +125,7 @@ def distill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, 
                 "seconds": time.perf_counter() - start}
     params = [p for p in merged.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
-    masks = {id(p): (p != 0) for p in params if not bool((p != 0).all())}
+    masks = {id(p): nonzero for p in params if not bool((nonzero := p != 0).all())}
     best, best_loss = copy.deepcopy(merged.state_dict()), before
     steps = epochs * len(train)
     opt = torch.optim.Adam(params, lr=lr)
@@ -135,8 +136,7 @@ def distill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, 
             p.requires_grad_(True)
         for epoch in progress_bar(range(1, epochs + 1), progress, desc="distil", unit="epoch"):
             for i in torch.randperm(len(train), generator=gen).tolist():
-                k = train[i]
-                loss = loss_fn(_outputs(merged(*parts[k]), "merged"), targets[k])
+                loss = chunk_loss(train[i])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for p in params:
