@@ -219,6 +219,73 @@ def test_unknown_op_freezes_its_axes_with_a_reported_reason(op, needle):
     assert relative_error(nets.run(merged, x), nets.run(a, x)) < 1e-4
 
 
+class Masked(nn.Module):
+    """Channel masks computed feature by feature: a leaky ReLU written with torch.where and a
+    comparison, an inverted mask, a logical and, masked_fill."""
+
+    def __init__(self, cout=5):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, cout, 3, padding=1), nn.Conv2d(cout, 4, 1)
+        self.bn = nn.BatchNorm2d(cout)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.bn(self.conv1(x))
+        y = torch.where(y > 0, y, 0.1 * y)
+        small = ~(y.abs() >= 0.5)
+        y = y.masked_fill(torch.logical_and(small, y.lt(0)), 0.0)
+        return self.fc(F.relu(self.conv2(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cout", [5, 1])
+def test_comparisons_and_logic_are_elementwise(cout):
+    """Masks from comparisons (>, >=, lt, ~, logical_and) keep the features' permutation: nothing
+    is frozen (one output channel included), the groups are sound, self-merge recovers the model
+    and budget 2 is the ensemble."""
+    a, b = (nets.randomize_norms(Masked(cout), s).eval() for s in (0, 1))
+    torch.manual_seed(1)
+    b.load_state_dict({k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() and "running" not in k else v
+                       for k, v in b.state_dict().items()})
+    x, data = torch.randn(2, 3, 6, 6), nets.batches((3, 6, 6), 2, seed=3)
+    gm, spec = _spec(a, x)
+    assert spec.frozen_reasons == []
+    assert any(g.size == cout for g in spec.mergeable())
+    permuted = permute_model(gm, spec, random_permutations(spec, 5))
+    assert relative_error(nets.run(permuted, x), nets.run(a, x)) < 1e-5
+    nets.assert_self_merge_and_budget_two(a, b, x, data, seed=4)
+
+
+class OneChannelSorted(nn.Module):
+    """A one-channel convolution whose output meets, elementwise, the output of an op with no
+    handler (sort along the positions): the channel is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(1, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = y + torch.sort(y, dim=-1)[0]
+        return self.fc(F.relu(self.conv2(y)).mean((2, 3)))
+
+
+def test_a_one_channel_group_frozen_by_an_unknown_op_is_reported():
+    """The size-1 channel axis of an unknown op's output only broadcasts: meeting the frozen
+    one-channel group, it must not make that group look structural. The group counts as a frozen
+    hidden unit, so the merge reports it (budget 2 cannot be the ensemble there)."""
+    torch.manual_seed(0)
+    a, b = OneChannelSorted().eval(), OneChannelSorted().eval()
+    x, data = torch.randn(2, 3, 6, 6), nets.batches((3, 6, 6), 2, seed=3)
+    gm, spec = _spec(a, x)
+    group = spec.param_layouts["conv1.weight"][0][0].group
+    frozen = spec.groups[group]
+    assert frozen.frozen and not any(r.structural for r in frozen.reasons), frozen.reasons
+    merged = _merge(a, b, x, 2.0, data)
+    assert merged.meta["pleas_fx"]["frozen_hidden"]["frozen_units"] >= 1
+    assert any("sort" in f["reason"] for f in merged.meta["pleas_fx"]["frozen"])
+
+
 class Gate(nn.Module):
     """A custom leaf module (made a leaf by a custom tracer) that mixes channels."""
 

@@ -59,14 +59,17 @@ def broadcast(ctx, node: fx.Node, operands=None):
     if out_shape is None or isinstance(out_shape, list):
         return unknown(ctx, node, "other", "elementwise op with a non-tensor result")
     out: list[Layout | None] = [None] * len(out_shape)
-    live_one = {i for a in operands for i in range(1, len(ctx.shape(a)) + 1)
-                if i <= len(out_shape) and out_shape[-i] == 1 and not ctx.is_frozen(ctx.layouts(a)[-i])}
+    # output axes of size 1 where some operand has a one-unit group (live or frozen for a reason of its
+    # own): operands whose size-1 axis only broadcasts are not linked to it there, or the group would
+    # take "size-1" as a structural reason and no longer count as hidden units
+    real_one = {i for a in operands for i in range(1, len(ctx.shape(a)) + 1)
+                if i <= len(out_shape) and out_shape[-i] == 1 and not only_broadcast(ctx, ctx.layouts(a)[-i])}
     for a in operands:
         lays, shp = ctx.layouts(a), ctx.shape(a)
         for i in range(1, len(shp) + 1):
             if i > len(out_shape) or (shp[-i] == 1 and out_shape[-i] != 1):
                 continue
-            if i in live_one and only_broadcast(ctx, lays[-i]):
+            if i in real_one and only_broadcast(ctx, lays[-i]):
                 continue  # a size-1 axis that only broadcasts meets a one-unit group (a single head)
             lay = lays[-i]
             out[-i] = lay if out[-i] is None else ctx.unify(out[-i], lay)

@@ -1,4 +1,4 @@
-"""Elementwise ops (activations, arithmetic, dropout, casts) and PReLU: axes that meet at
+"""Elementwise ops (activations, arithmetic, comparisons and logic, dropout, casts) and PReLU: axes that meet at
 full size under broadcasting share their permutation."""
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ ELEMENTWISE_FUNCTIONS = [
     torch.where, torch.lerp, torch.addcmul,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    # comparisons and logic: masks computed feature by feature (x > 0, ~mask, a & b)
+    torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne, torch.greater, torch.greater_equal, torch.less,
+    torch.less_equal, torch.not_equal, torch.logical_and, torch.logical_or, torch.logical_xor, torch.logical_not,
+    torch.bitwise_not, torch.isnan, torch.isinf, torch.isfinite, torch.sign,
+    operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne, operator.and_, operator.or_,
+    operator.xor, operator.invert,
 ]
 if _tv_stochastic_depth is not None:
     ELEMENTWISE_FUNCTIONS.append(_tv_stochastic_depth)
@@ -41,6 +47,8 @@ ELEMENTWISE_METHODS = [
     "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "square", "pow", "add", "add_", "sub",
     "sub_", "mul", "mul_", "div", "div_", "contiguous", "float", "double", "half", "bfloat16",
     "to", "type", "type_as", "clone", "detach", "requires_grad_", "masked_fill", "erf", "sin", "cos",
+    "gt", "ge", "lt", "le", "eq", "ne", "greater", "less", "logical_and", "logical_or", "logical_xor", "logical_not",
+    "bitwise_not", "isnan", "isinf", "isfinite", "sign", "bool", "long", "int",
 ]
 
 
