@@ -54,7 +54,6 @@ def digit_resnet20(seed: int):
 def make_pair(case: str):
     """The two models of a case and its calibration batches."""
     import torch
-    import torch.nn as nn
 
     if case == "digits":
         from pleas_fx.apps import demo

@@ -42,7 +42,6 @@ import argparse
 import gc
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -50,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +56,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pleas_fx  # noqa: E402
-from pleas_fx.apps.demo import load_digits_split, recalibrate_bn, train_model  # noqa: E402
-from tools.digit_models import ARCHS, DigitViT, make_model  # noqa: E402,F401
+from pleas_fx.apps.demo import load_digits_split, train_model  # noqa: E402
+from tools.digit_models import ARCHS, make_model  # noqa: E402
 
 BUDGETS = (1.0, 1.2, 1.5, 2.0)
 # row -> merge() keywords (data: the calibration batches unless "data" says otherwise)
