@@ -70,6 +70,9 @@ FIXED_BUG_SEEDS = {
     "spatial_matmul": [179, 634],  # x @ buffer over the width, then convs / pooling: spatial axes frozen
     "groupnorm_one_group": [301, 532, 707, 712, 932],  # GroupNorm(1, C): channels permute freely, no units
     "flatten_keeps_within": [352],
+    # a one-channel conv before torch.where(x > 0, x, 0.1 x): the comparison had no spec, and the
+    # size-1 axis of its frozen output made the channel look structural (budget 2 off, no warning)
+    "size_one_channel_mask": [8129],
     "tied_head_budget_two": [214, 493, 623],  # embedding = head: kept-apart features rescaled at the embedding  # GroupNorm(2, C)'s units x entries flattened into a head: entries stay paired
 }
 
