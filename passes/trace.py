@@ -7,15 +7,15 @@ model it traces), so nothing downstream can touch the user's models.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceError, WeightError
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
 from pleas_fx.passes.lower_windows import lower_swin
@@ -27,6 +27,7 @@ class TracedPair:
     gm_a: fx.GraphModule
     gm_b: fx.GraphModule
     example_args: tuple
+    forward_seconds: float = 0.0  # model A's shape propagation on example_input (a real forward)
 
 
 class _Tracer(fx.Tracer):
@@ -162,14 +163,15 @@ def check_tensors(model: torch.nn.Module, label: str) -> None:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
-    """Annotate node.meta['tensor_meta'] for every node (ShapeProp on the example input)."""
+    """Annotate node.meta['tensor_meta'] for every node (a run on the example input)."""
+    prop = ShapeRecorder(gm)
     with torch.no_grad():
         try:
-            ShapeProp(gm).propagate(*example_args)
+            prop.run(*example_args)
         except Exception as exc:
-            raise TraceError(
-                f"running the traced model on example_input failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            at = f" at node {prop.current.name}" if prop.current is not None else ""
+            raise TraceError(f"running the traced model on example_input failed{at}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def model_inputs(gm: fx.GraphModule) -> list[tuple[str, Any]]:
@@ -205,5 +207,6 @@ def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     device = next((a.device for a in example_args if torch.is_tensor(a)), torch.device("cpu"))
     gm_a.to(device)
     gm_b.to(device)
+    start = time.perf_counter()
     propagate_shapes(gm_a, example_args)
-    return TracedPair(gm_a, gm_b, example_args)
+    return TracedPair(gm_a, gm_b, example_args, time.perf_counter() - start)

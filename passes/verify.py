@@ -8,10 +8,10 @@ import copy
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pleas_fx.core.errors import InternalError
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.ir import GroupPlan, GroupSpec, axis_map
 from pleas_fx.passes.within_axes import realign_b
 
@@ -97,32 +97,53 @@ def structural_parameters(spec: GroupSpec, plans: dict[int, GroupPlan], names: l
     return total
 
 
-class _CheckedShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it is running, to name it when a run fails."""
-
-    current: fx.Node | None = None
-
-    def run_node(self, n: fx.Node):
-        self.current = n
-        return super().run_node(n)
+# a fake-tensor shape propagation costs about this much per graph node (CPU, torch 2.x)
+FAKE_SECONDS_PER_NODE = 2e-3
 
 
-def check_graph(merged: fx.GraphModule, example_args: tuple, pass_name: str = "widen") -> None:
-    """Shape-propagate the merged graph on the example input; a failure is pleas_fx's own."""
-    prop = _CheckedShapeProp(merged)
-    try:
-        with torch.no_grad():
-            prop.propagate(*example_args)
-    except Exception as exc:
-        node = prop.current
+def fake_check_pays(forward_seconds: float, gm: fx.GraphModule) -> bool:
+    """Whether `check_graph` should propagate fake tensors: when a real forward of one source on
+    the example input (`forward_seconds`; a merged model costs up to 4x that) takes longer than
+    a fake propagation of its graph. Tiny models check faster on real values."""
+    return forward_seconds > FAKE_SECONDS_PER_NODE * len(gm.graph.nodes)
+
+
+def check_graph(merged: fx.GraphModule, example_args: tuple, pass_name: str = "widen", fake: bool = False) -> None:
+    """Shape-propagate the merged graph on the example input; a failure is pleas_fx's own.
+
+    With `fake` the propagation runs on fake tensors (shapes and dtypes, no arithmetic): on real
+    values the check of a budget-2 model costs a forward pass of both sources over the example
+    batch, and a budget sweep checks every budget twice. Where fake propagation fails (an op
+    without a fake kernel, a value read in Python), the real example input decides."""
+    if fake and _propagate(merged, example_args, fake=True) is None:
+        return
+    prop = _propagate(merged, example_args, fake=False)
+    if prop is not None:
+        exc, node = prop
         where = f"node {node.name} ({node.format_node()})" if node is not None else "the merged graph"
         raise InternalError(pass_name, where, f"the merged graph does not run on example_input: "
                                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
+def _propagate(merged: fx.GraphModule, example_args: tuple, fake: bool) -> tuple[Exception, fx.Node | None] | None:
+    """Run `ShapeRecorder` (node meta "tensor_meta" recorded); the error and the node it stopped
+    at, or None when it ran."""
+    prop = ShapeRecorder(merged)
+    try:
+        with torch.no_grad():
+            if not fake:
+                prop.run(*example_args)
+                return None
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                prop.run(*[mode.from_tensor(a) if torch.is_tensor(a) else a for a in example_args])
+    except Exception as exc:  # noqa: BLE001 -- any failure: the caller decides whose it is
+        return exc, prop.current
+    return None
+
+
 def verify_merged(merged: fx.GraphModule, example_args: tuple, footprint, spec: GroupSpec,
                   plans: dict[int, GroupPlan], widths: dict[int, int], budget: float,
-                  expected_stored: int | None = None) -> int:
+                  expected_stored: int | None = None, fake: bool = False) -> int:
     """Check the merged model against the footprint model, the budget and the example input;
     returns its parameter count (entries not structurally zero). `expected_stored`: what the
     merged model must store (`sum(p.numel() for p in merged.parameters())`): the structural
@@ -143,5 +164,5 @@ def verify_merged(merged: fx.GraphModule, example_args: tuple, footprint, spec: 
     for name, t in merged.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InternalError("fill", name, "the merged tensor is not finite")
-    check_graph(merged, example_args)
+    check_graph(merged, example_args, fake=fake)
     return counted

@@ -25,7 +25,7 @@ from pleas_fx.passes.matching import dropped_sites
 from pleas_fx.passes.statistics import Statistics, collect_statistics
 from pleas_fx.passes.trace import TracedPair, trace_pair
 from pleas_fx.passes.tied import scale_tied_embeddings
-from pleas_fx.passes.verify import check_graph, structural_parameters, verify_merged
+from pleas_fx.passes.verify import check_graph, fake_check_pays, structural_parameters, verify_merged
 from pleas_fx.passes.weights import WeightPlan, plan_weights
 from pleas_fx.passes.widen import widen
 from pleas_fx.report import Timer, merge_report
@@ -234,6 +234,7 @@ class _Builder:
         self.stats, self.match, self.opts, self.batches, self.frozen = stats, match, opts, batches, frozen
         self.dropped = dropped
         self.footprint = Footprint(spec, [n for n, _ in traced.gm_a.named_parameters()])
+        self.fake_check = fake_check_pays(traced.forward_seconds, traced.gm_a)  # how merged graphs are checked
 
     def model(self, widths: dict[int, int], t: Timer) -> tuple[fx.GraphModule, list[str], dict]:
         """The widened, filled merged model at these widths (eval mode), its notes and plans."""
@@ -283,7 +284,7 @@ class _Builder:
                 log.info("%d weight(s) kept dense: %s", len(dense_notes), "; ".join(dense_notes))
         if self.opts.merged_inputs:  # fill runs the emitted graph: a graph that cannot run is a bug of ours
             with t("widen"):
-                check_graph(merged, self.traced.example_args)
+                check_graph(merged, self.traced.example_args, fake=self.fake_check)
         return merged, spec, p, plans, dense_notes
 
     def budget(self, budget: float, widths: dict[int, int], t: Timer, built=None) -> fx.GraphModule:
@@ -306,7 +307,7 @@ class _Builder:
             expected = (structural_parameters(spec_e, plans_e, self.footprint.parameter_names)
                         + stored_zeros(merged, spec_e, plans_e))
             parameters = verify_merged(merged, self.traced.example_args, self.footprint, self.spec, plans, widths, limit,
-                                       expected_stored=expected)
+                                       expected_stored=expected, fake=self.fake_check)
         merged.eval()
         report = merge_report(spec=self.spec, widths=widths, plans=plans, match=self.match, budget=budget,
                               parameters=parameters, parameters_one_model=self.footprint.base, merged=merged,

@@ -113,9 +113,12 @@ def test_not_a_module_raises_trace_error():
         merge(mlp(), "model")
 
 
-def test_example_input_the_model_cannot_run_raises_trace_error():
-    with pytest.raises(TraceError, match="example_input"):
+def test_example_input_the_model_cannot_run_raises_trace_error(capfd):
+    """The error names the node that failed and the cause; nothing is printed (torch's ShapeProp
+    wrote a traceback to stderr)."""
+    with pytest.raises(TraceError, match=r"example_input failed at node \w+: RuntimeError: mat1 and mat2"):
         merge(mlp(), mlp(seed=1), x=torch.randn(2, 5), data=None)
+    assert capfd.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------- budget
@@ -285,6 +288,41 @@ def test_an_op_spec_that_forgets_to_resize_raises_an_internal_error_naming_the_p
         assert info.value.pass_name == "widen" and info.value.where.startswith("node _1")
     finally:
         _MODULE_SPECS.pop(Scale, None)
+
+
+class ReadsAValue(nn.Module):
+    """A graph that reads a value in Python (`.item()`): fake tensors cannot run it."""
+
+    def forward(self, x):
+        return x * x.abs().max().item()
+
+
+class WrongWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).view(-1, 4)  # 3 outputs viewed as 4: cannot run on 2 samples
+
+
+@pytest.mark.parametrize("fake", [True, False])
+def test_the_graph_check_records_the_example_shapes_and_falls_back_to_real_values(fake):
+    """check_graph on fake tensors records the same shapes as on real values; an op that reads a
+    value in Python makes it fall back to the real example input (no error), and a graph that
+    cannot run raises the InternalError naming the node either way."""
+    from pleas_fx.passes.verify import check_graph
+
+    x = torch.randn(5, 4)
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), ReadsAValue()))
+    check_graph(gm, (x,), fake=fake)
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert shapes["_0"] == (5, 6) and shapes["input_1"] == (5, 4)
+    assert all(isinstance(n.meta["tensor_meta"].shape, torch.Size) for n in gm.graph.nodes if "tensor_meta" in n.meta)
+    bad = torch.fx.symbolic_trace(WrongWidth())
+    with pytest.raises(pleas_fx.InternalError, match=r"widen pass at node view") as info:
+        check_graph(bad, (torch.randn(2, 4),), fake=fake)
+    assert info.value.where.startswith("node view")
 
 
 def test_a_handler_whose_layouts_do_not_fit_the_output_is_frozen_not_trusted():

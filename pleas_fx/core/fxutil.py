@@ -1,11 +1,13 @@
-"""Small torch.fx helpers every layer uses: reading a qualified attribute, a node's shape."""
+"""Small torch.fx helpers every layer uses: reading a qualified attribute, a node's shape,
+recording shapes."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 
 def getattr_path(root: torch.nn.Module, target: str) -> Any:
@@ -44,3 +46,28 @@ def param_value(root: torch.nn.Module, spec, name: str) -> torch.Tensor:
         size = sum(s.numel for s in spec.param_layouts[name][axis])
         value = value.expand(*[size if i == axis else -1 for i in range(value.dim())])
     return value
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records each node's output shapes in node.meta["tensor_meta"], as
+    torch's ShapeProp does, without its printing a traceback to stderr when a node fails;
+    `current` is the node being run (the failing one after an error)."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        result = super().run_node(n)
+        found = False
+
+        def meta(value):
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        recorded = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = recorded
+        return result

@@ -6,16 +6,14 @@ model and measures how far its output moves (it should not move at all).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import re
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 
-from pleas_fx.core.errors import TraceError, one_line
+from pleas_fx.core.errors import TraceError
 from pleas_fx.core.inputs import as_args
 from pleas_fx.core.ir import GroupSpec, Layout
 from pleas_fx.inspection.report import (
@@ -123,21 +121,20 @@ def report_from_spec(spec: GroupSpec, model: str = "model", input_shapes: Sequen
 
 
 def shape_propagate(gm: fx.GraphModule, args: tuple) -> None:
-    """propagate_shapes, with torch's ShapeProp traceback kept off stderr and the error
-    reduced to the failing node and the root cause."""
+    """propagate_shapes, the error naming the input's shape, the failing node and the root cause."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            propagate_shapes(gm, args)
+        propagate_shapes(gm, args)
     except TraceError as exc:
         root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
-        node = re.search(r"node=%(\S+)", str(exc))
+        node = re.search(r" at node (\S+?):", str(exc))
         shapes = ", ".join("x".join(map(str, a.shape)) for a in args if torch.is_tensor(a))
         at = f" at node {node.group(1)}" if node else ""
+        first = " ".join((str(root).splitlines() or [type(root).__name__])[0].split())  # fx appends its own lines
         raise TraceError(
             f"running the traced model on an input of shape {shapes} failed{at}: "
-            f"{type(root).__name__}: {one_line(root, 600)}"
+            f"{type(root).__name__}: {first if len(first) <= 600 else first[:597] + '...'}"
         ) from exc
 
 
