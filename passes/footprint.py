@@ -22,10 +22,9 @@ from math import prod
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from pleas_fx.core.errors import PleasError
-from pleas_fx.core.fxutil import getattr_path
+from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.ir import GroupSpec, Layout
 from pleas_fx.core.layers import BLOCK_LAYERS
 from pleas_fx.passes.weights import weight_nodes
@@ -210,7 +209,7 @@ def measure_macs(gm: fx.GraphModule, example_args: tuple, structural: bool = Tru
     the module itself: non-zero weight entries (structural=True) or all stored entries, times
     output positions."""
     with torch.no_grad():
-        ShapeProp(gm).propagate(*example_args)
+        ShapeRecorder(gm).run(*example_args)
     total = 0
     nodes = {n.name: n for n in gm.graph.nodes}
     for w in weight_nodes(gm):
