@@ -73,6 +73,9 @@ FIXED_BUG_SEEDS = {
     # a one-channel conv before torch.where(x > 0, x, 0.1 x): the comparison had no spec, and the
     # size-1 axis of its frozen output made the channel look structural (budget 2 off, no warning)
     "size_one_channel_mask": [8129],
+    # one hidden unit, then x @ buffer of shape (1, 1): the buffer's size-1 axes were declared
+    # broadcasts, so the hidden unit looked structural (budget 2 off by 1e-2, no warning)
+    "one_by_one_matrix": [9644],
     "tied_head_budget_two": [214, 493, 623],  # embedding = head: kept-apart features rescaled at the embedding  # GroupNorm(2, C)'s units x entries flattened into a head: entries stay paired
 }
 

@@ -255,6 +255,72 @@ def test_comparisons_and_logic_are_elementwise(cout):
     nets.assert_self_merge_and_budget_two(a, b, x, data, seed=4)
 
 
+class ThinMatrix(nn.Module):
+    """A hidden layer of `hidden` units read by a product with a weight M of shape (hidden, cols),
+    a buffer or a parameter: x @ M, torch.mm or einsum. M's size-1 axes are feature axes, not
+    broadcasts (fuzz seed 9644: x @ M with M of shape (1, 1))."""
+
+    def __init__(self, hidden: int, cols: int, form: str, buffer: bool = False):
+        super().__init__()
+        self.form = form
+        self.fc1, self.fc2 = nn.Linear(5, hidden), nn.Linear(cols, 3)
+        m = torch.randn(hidden, cols) + 1.0
+        if buffer:
+            self.register_buffer("m", m)
+        else:
+            self.m = nn.Parameter(m)
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        if self.form == "einsum":
+            return self.fc2(torch.einsum("bi,ij->bj", h, self.m))
+        return self.fc2(torch.mm(h, self.m) if self.form == "mm" else h @ self.m)
+
+
+@pytest.mark.parametrize("hidden,cols,form,buffer", [(1, 1, "matmul", True), (1, 4, "matmul", False),
+                                                     (3, 1, "matmul", False), (1, 1, "einsum", False),
+                                                     (3, 1, "einsum", False), (1, 4, "mm", False)])
+def test_a_weight_of_one_row_or_column_is_a_layer(hidden, cols, form, buffer):
+    """x @ M, torch.mm or einsum with M of shape (1, n) or (k, 1): the one-unit hidden groups are
+    live (not frozen as broadcast "size-1" axes, which no report counts), the groups are sound,
+    a self-merge recovers the model and budget 2 is the ensemble."""
+    a, b = (nets.randomize_norms(ThinMatrix(hidden, cols, form, buffer), s).eval() for s in (0, 1))
+    torch.manual_seed(1)
+    b.load_state_dict({k: v + 0.3 * torch.randn_like(v) for k, v in b.state_dict().items()})
+    x, data = torch.randn(4, 5), nets.batches((5,), 2, seed=3)
+    gm, spec = _spec(a, x)
+    for name, axis in (("fc1.weight", 0), ("fc2.weight", 1)):  # the hidden units and the product's columns
+        group = spec.groups[spec.param_layouts[name][axis][0].group]
+        assert not group.frozen, (name, group.reasons)
+    assert spec.frozen_reasons == []
+    permuted = permute_model(gm, spec, random_permutations(spec, 5))
+    assert relative_error(nets.run(permuted, x), nets.run(a, x)) < 1e-5
+    nets.assert_self_merge_and_budget_two(a, b, x, data, seed=4)
+
+
+class OneUnitTimesRow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 1), nn.Linear(4, 3)
+        self.row = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)) * self.row)  # one hidden unit broadcast over 4 columns
+
+
+def test_a_one_unit_group_broadcast_over_a_larger_axis_is_frozen_and_reported():
+    """Widened, the one hidden unit would no longer broadcast over the row (the merged graph did
+    not run: an internal error); it is frozen instead, with a reason the merge reports."""
+    a, b = (OneUnitTimesRow().eval() for _ in range(2))
+    x, data = torch.randn(4, 5), nets.batches((5,), 2, seed=3)
+    gm, spec = _spec(a, x)
+    hidden = spec.groups[spec.param_layouts["fc1.weight"][0][0].group]
+    assert hidden.frozen and [r.kind for r in hidden.reasons] == ["broadcast"]
+    merged = _merge(a, b, x, 2.0, data)
+    assert merged.meta["pleas_fx"]["frozen_hidden"]["frozen_units"] == 1
+    assert any("broadcast" in f["reason"] for f in merged.meta["pleas_fx"]["frozen"])
+
+
 class OneChannelSorted(nn.Module):
     """A one-channel convolution whose output meets, elementwise, the output of an op with no
     handler (sort along the positions): the channel is frozen."""

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from pleas_fx.core.ir import Layout
-from pleas_fx.passes.ops.common import arg, is_attr, only_broadcast, unknown
+from pleas_fx.passes.ops.common import arg, feature_axes_of_weight, is_attr, only_broadcast, unknown
 from pleas_fx.passes.ops.registry import OpSpec, register_op
 
 
@@ -32,6 +32,10 @@ def matmul(ctx, node):
         for c in cands[1:]:
             acc = ctx.unify(acc, c)
         batch.insert(0, acc)
+    if is_attr(b):  # a weight of one row or column: its size-1 matrix axes are feature axes
+        lb = feature_axes_of_weight(ctx, b, lb, {len(lb) - 2: la[-1], len(lb) - 1: None})
+    if is_attr(a):
+        la = feature_axes_of_weight(ctx, a, la, {len(la) - 1: lb[-2], len(la) - 2: None})
     params = [x for x in (a, b) if is_attr(x)]
     per_unit = not params and _within_contraction(ctx, la[-1], lb[-2], la[:-2], lb[:-2])
     contracted = ctx.unify(la[-1], lb[-2])
@@ -82,6 +86,12 @@ def einsum(ctx, node):
         return unknown(ctx, node, "contraction", "einsum", equation)
     axes = {c: [(i, d) for i, sub in enumerate(subs) for d, e in enumerate(sub) if e == c]
             for c in dict.fromkeys("".join(subs))}
+    for i, o in enumerate(operands):  # a weight's letters of size 1 everywhere: feature axes
+        if is_attr(o):
+            ones = {d: next((lays[k][e] for k, e in axes[c] if k != i and not only_broadcast(ctx, lays[k][e])), None)
+                    for d, c in enumerate(subs[i]) if max(shapes[k][e] for k, e in axes[c]) == 1
+                    and (c in rhs or len({k for k, _ in axes[c]}) > 1)}
+            lays[i] = feature_axes_of_weight(ctx, o, lays[i], ones)
     joined = {}
     for c, where in axes.items():
         n = max(shapes[i][d] for i, d in where)
@@ -153,6 +163,6 @@ def scaled_dot_product_attention(ctx, node):
     return [*lead, q[-2], v[-1]]
 
 
-register_op(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", spec=OpSpec(infer=matmul))
+register_op(operator.matmul, torch.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm", spec=OpSpec(infer=matmul))
 register_op(torch.einsum, spec=OpSpec(infer=einsum))
 register_op(F.scaled_dot_product_attention, spec=OpSpec(infer=scaled_dot_product_attention))

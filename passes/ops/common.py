@@ -67,7 +67,13 @@ def broadcast(ctx, node: fx.Node, operands=None):
     for a in operands:
         lays, shp = ctx.layouts(a), ctx.shape(a)
         for i in range(1, len(shp) + 1):
-            if i > len(out_shape) or (shp[-i] == 1 and out_shape[-i] != 1):
+            if i > len(out_shape):
+                continue
+            if shp[-i] == 1 and out_shape[-i] != 1:
+                if not only_broadcast(ctx, lays[-i]) and not ctx.is_frozen(lays[-i]):
+                    # a one-unit feature group broadcast over a larger axis: widened, it would no
+                    # longer broadcast (h * m, h of one hidden unit, m a row of n)
+                    ctx.freeze(lays[-i], ctx.reason("broadcast", "one feature broadcast over a larger axis"))
                 continue
             if i in real_one and only_broadcast(ctx, lays[-i]):
                 continue  # a size-1 axis that only broadcasts meets a one-unit group (a single head)
@@ -92,3 +98,23 @@ def only_broadcast(ctx, layout: Layout) -> bool:
         return False
     root = ctx.uf.find(layout[0].group)
     return ctx.uf.frozen[root] and {r.kind for r in ctx.uf.reasons.get(root, [])} == {"size-1"}
+
+
+def feature_axes_of_weight(ctx, w: fx.Node, lays: list, partners: dict) -> list:
+    """A parameter's axes that get_attr declared as mere broadcasts (size 1, never linked) but
+    that a contraction reads as feature axes (a weight of one row or one column: x @ W with W of
+    shape (k, 1), einsum "bi,ij->bj" with i of size 1), re-declared: axis d as `partners[d]`
+    (the activation axis it meets) or, None, as a one-entry feature axis of its own. Otherwise a
+    one-unit hidden group meeting it would be taken for a broadcast ("size-1": not counted as a
+    hidden unit, averaged at budget 2 without a word). Returns the layouts, re-declared."""
+    lays = list(lays)
+    redeclared = False
+    for d, partner in partners.items():
+        lay = lays[d]
+        if only_broadcast(ctx, lay) and ctx.uf.members[ctx.uf.find(lay[0].group)] == 1:
+            lays[d] = partner if partner is not None else ctx.fresh(1)
+            redeclared = True
+    if redeclared:
+        ctx.param(w.target, lays)
+    return lays
+
