@@ -134,6 +134,8 @@ def compact(gm: fx.GraphModule, spec: GroupSpec, plans: dict[int, GroupPlan]) ->
         if not _has_zero_block(in_cls, out_cls):
             continue
         names = [n for n in (emit.weight, emit.bias) if n is not None]
+        if not all(isinstance(getattr_path(out, n), torch.nn.Parameter) for n in names):
+            continue  # a buffer or constant used as a weight stays one (a block layer holds parameters)
         if any(n in tied or uses[n] > 1 for n in names):
             result.notes.append(f"{node.name}: {emit.weight} is tied or shared; stored densely with its zero blocks")
             continue

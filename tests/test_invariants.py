@@ -274,14 +274,21 @@ class ThinMatrix(nn.Module):
         h = F.gelu(self.fc1(x))
         if self.form == "einsum":
             return self.fc2(torch.einsum("bi,ij->bj", h, self.m))
+        if self.form == "linear_t":  # the weight transposed in the graph
+            return self.fc2(F.linear(h, self.m.T))
+        if self.form == "linear":  # F.linear with M as (out, in): M of shape (cols, hidden)
+            return self.fc2(F.linear(h, self.m.reshape(self.m.shape[1], self.m.shape[0])))
         return self.fc2(torch.mm(h, self.m) if self.form == "mm" else h @ self.m)
 
 
 @pytest.mark.parametrize("hidden,cols,form,buffer", [(1, 1, "matmul", True), (1, 4, "matmul", False),
                                                      (3, 1, "matmul", False), (1, 1, "einsum", False),
-                                                     (3, 1, "einsum", False), (1, 4, "mm", False)])
+                                                     (3, 1, "einsum", False), (1, 4, "mm", False),
+                                                     (3, 1, "linear_t", False), (1, 4, "linear_t", False),
+                                                     (3, 1, "linear", True), (3, 1, "linear_t", True), (3, 4, "linear_t", True)])
 def test_a_weight_of_one_row_or_column_is_a_layer(hidden, cols, form, buffer):
-    """x @ M, torch.mm or einsum with M of shape (1, n) or (k, 1): the one-unit hidden groups are
+    """x @ M, torch.mm, einsum or F.linear (M transposed or viewed in the graph included) with a
+    weight of one row or column: the one-unit hidden groups are
     live (not frozen as broadcast "size-1" axes, which no report counts), the groups are sound,
     a self-merge recovers the model and budget 2 is the ensemble."""
     a, b = (nets.randomize_norms(ThinMatrix(hidden, cols, form, buffer), s).eval() for s in (0, 1))

@@ -32,10 +32,10 @@ def matmul(ctx, node):
         for c in cands[1:]:
             acc = ctx.unify(acc, c)
         batch.insert(0, acc)
-    if is_attr(b):  # a weight of one row or column: its size-1 matrix axes are feature axes
-        lb = feature_axes_of_weight(ctx, b, lb, {len(lb) - 2: la[-1], len(lb) - 1: None})
-    if is_attr(a):
-        la = feature_axes_of_weight(ctx, a, la, {len(la) - 1: lb[-2], len(la) - 2: None})
+    # a weight of one row or column: its size-1 matrix axes are feature axes (the other axis of a
+    # computed operand may be tokens: only a parameter's own is a feature axis for sure)
+    lb = feature_axes_of_weight(ctx, lb, {len(lb) - 2: la[-1], **({len(lb) - 1: None} if is_attr(b) else {})})
+    la = feature_axes_of_weight(ctx, la, {len(la) - 1: lb[-2], **({len(la) - 2: None} if is_attr(a) else {})})
     params = [x for x in (a, b) if is_attr(x)]
     per_unit = not params and _within_contraction(ctx, la[-1], lb[-2], la[:-2], lb[:-2])
     contracted = ctx.unify(la[-1], lb[-2])
@@ -91,7 +91,7 @@ def einsum(ctx, node):
             ones = {d: next((lays[k][e] for k, e in axes[c] if k != i and not only_broadcast(ctx, lays[k][e])), None)
                     for d, c in enumerate(subs[i]) if max(shapes[k][e] for k, e in axes[c]) == 1
                     and (c in rhs or len({k for k, _ in axes[c]}) > 1)}
-            lays[i] = feature_axes_of_weight(ctx, o, lays[i], ones)
+            lays[i] = feature_axes_of_weight(ctx, lays[i], ones)
     joined = {}
     for c, where in axes.items():
         n = max(shapes[i][d] for i, d in where)

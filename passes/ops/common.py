@@ -100,21 +100,27 @@ def only_broadcast(ctx, layout: Layout) -> bool:
     return ctx.uf.frozen[root] and {r.kind for r in ctx.uf.reasons.get(root, [])} == {"size-1"}
 
 
-def feature_axes_of_weight(ctx, w: fx.Node, lays: list, partners: dict) -> list:
-    """A parameter's axes that get_attr declared as mere broadcasts (size 1, never linked) but
-    that a contraction reads as feature axes (a weight of one row or one column: x @ W with W of
-    shape (k, 1), einsum "bi,ij->bj" with i of size 1), re-declared: axis d as `partners[d]`
-    (the activation axis it meets) or, None, as a one-entry feature axis of its own. Otherwise a
-    one-unit hidden group meeting it would be taken for a broadcast ("size-1": not counted as a
-    hidden unit, averaged at budget 2 without a word). Returns the layouts, re-declared."""
+def feature_axes_of_weight(ctx, lays: list, partners: dict) -> list:
+    """A weight's axes that get_attr declared as mere broadcasts (size 1, never linked) but that
+    a contraction reads as feature axes (a weight of one row or one column: x @ W with W of
+    shape (k, 1), einsum "bi,ij->bj" with i of size 1, F.linear with a weight of one output),
+    re-declared on the parameter that owns them, also when the weight reaches the op through a
+    transpose or view (the axis is the parameter's own): axis d becomes `partners[d]` (the
+    activation axis it meets) or, None, a one-entry feature axis of its own. Otherwise a one-unit
+    hidden group meeting it would be taken for a broadcast ("size-1": not counted as a hidden
+    unit, averaged at budget 2 without a word). Returns the layouts, re-declared."""
     lays = list(lays)
-    redeclared = False
     for d, partner in partners.items():
         lay = lays[d]
-        if only_broadcast(ctx, lay) and ctx.uf.members[ctx.uf.find(lay[0].group)] == 1:
-            lays[d] = partner if partner is not None else ctx.fresh(1)
-            redeclared = True
-    if redeclared:
-        ctx.param(w.target, lays)
+        if not (only_broadcast(ctx, lay) and ctx.uf.members[ctx.uf.find(lay[0].group)] == 1):
+            continue
+        new = partner if partner is not None else ctx.fresh(1)
+        owners = [(name, axis) for name, declared in ctx.param_layouts.items()
+                  for axis, own in enumerate(declared) if len(own) == 1 and own[0].group == lay[0].group]
+        for name, axis in owners:
+            declared = list(ctx.param_layouts[name])
+            declared[axis] = new
+            ctx.param(name, declared)
+        if owners:
+            lays[d] = new
     return lays
-

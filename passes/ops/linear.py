@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pleas_fx.core.ir import WeightNode
-from pleas_fx.passes.ops.common import arg, is_attr
+from pleas_fx.passes.ops.common import arg, feature_axes_of_weight, is_attr
 from pleas_fx.passes.ops.registry import BlockEmit, OpSpec, register_op
 
 
@@ -29,6 +29,7 @@ def linear_module(ctx, node):
 def linear_function(ctx, node):
     x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
     xl, wl = ctx.layouts(x), ctx.layouts(w)
+    wl = feature_axes_of_weight(ctx, wl, {1: xl[-1], 0: None})  # a weight of one output or input
     ctx.unify(wl[1], xl[-1])
     ctx.set_role(w, 1, "in")
     if is_attr(b) and b.target in ctx.param_layouts:
