@@ -305,6 +305,21 @@ def test_a_weight_of_one_row_or_column_is_a_layer(hidden, cols, form, buffer):
     nets.assert_self_merge_and_budget_two(a, b, x, data, seed=4)
 
 
+def test_a_weight_whose_one_entry_axis_is_made_in_the_graph_is_frozen_and_reported():
+    """F.linear with a (k, 1) parameter reshaped to (1, k): the weight's one output is an axis
+    the reshape makes, which cannot widen; the output unit is frozen with a reason the merge
+    reports (it was taken for a broadcast, averaged at budget 2 without a word)."""
+    a, b = (ThinMatrix(3, 1, "linear").eval() for _ in range(2))
+    x, data = torch.randn(4, 5), nets.batches((5,), 2, seed=3)
+    gm, spec = _spec(a, x)
+    made = spec.groups[spec.param_layouts["fc2.weight"][1][0].group]
+    assert made.frozen and "reshape" in [r.kind for r in made.reasons], made.reasons
+    assert not spec.groups[spec.param_layouts["fc1.weight"][0][0].group].frozen  # the hidden units stay live
+    merged = _merge(a, b, x, 2.0, data)
+    assert merged.meta["pleas_fx"]["frozen_hidden"]["frozen_units"] == 1
+    assert any("one-entry axis" in f["reason"] for f in merged.meta["pleas_fx"]["frozen"])
+
+
 class OneUnitTimesRow(nn.Module):
     def __init__(self):
         super().__init__()

@@ -100,7 +100,7 @@ def only_broadcast(ctx, layout: Layout) -> bool:
     return ctx.uf.frozen[root] and {r.kind for r in ctx.uf.reasons.get(root, [])} == {"size-1"}
 
 
-def feature_axes_of_weight(ctx, lays: list, partners: dict) -> list:
+def feature_axes_of_weight(ctx, lays: list, partners: dict, weight: bool = False) -> list:
     """A weight's axes that get_attr declared as mere broadcasts (size 1, never linked) but that
     a contraction reads as feature axes (a weight of one row or one column: x @ W with W of
     shape (k, 1), einsum "bi,ij->bj" with i of size 1, F.linear with a weight of one output),
@@ -108,19 +108,24 @@ def feature_axes_of_weight(ctx, lays: list, partners: dict) -> list:
     transpose or view (the axis is the parameter's own): axis d becomes `partners[d]` (the
     activation axis it meets) or, None, a one-entry feature axis of its own. Otherwise a one-unit
     hidden group meeting it would be taken for a broadcast ("size-1": not counted as a hidden
-    unit, averaged at budget 2 without a word). Returns the layouts, re-declared."""
+    unit, averaged at budget 2 without a word). `weight`: `lays` is certainly a weight's (F.linear's);
+    a one-entry axis no parameter owns (made by a reshape or unsqueeze in the graph) cannot widen
+    and is frozen with a reason the merge reports. Returns the layouts, re-declared."""
     lays = list(lays)
     for d, partner in partners.items():
         lay = lays[d]
         if not (only_broadcast(ctx, lay) and ctx.uf.members[ctx.uf.find(lay[0].group)] == 1):
             continue
-        new = partner if partner is not None else ctx.fresh(1)
         owners = [(name, axis) for name, declared in ctx.param_layouts.items()
                   for axis, own in enumerate(declared) if len(own) == 1 and own[0].group == lay[0].group]
+        new = partner if partner is not None else ctx.fresh(1) if owners else None
         for name, axis in owners:
             declared = list(ctx.param_layouts[name])
             declared[axis] = new
             ctx.param(name, declared)
         if owners:
             lays[d] = new
+        elif weight:  # (a fresh axis: the broadcast one would keep "size-1", a structural reason)
+            lays[d] = ctx.fresh(1, ctx.reason("reshape", "a weight's one-entry axis made in the graph (reshape, "
+                                                         "unsqueeze) cannot widen"))
     return lays

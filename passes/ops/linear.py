@@ -29,7 +29,7 @@ def linear_module(ctx, node):
 def linear_function(ctx, node):
     x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
     xl, wl = ctx.layouts(x), ctx.layouts(w)
-    wl = feature_axes_of_weight(ctx, wl, {1: xl[-1], 0: None})  # a weight of one output or input
+    wl = feature_axes_of_weight(ctx, wl, {1: xl[-1], 0: None}, weight=True)  # a weight of one output or input
     ctx.unify(wl[1], xl[-1])
     ctx.set_role(w, 1, "in")
     if is_attr(b) and b.target in ctx.param_layouts:
