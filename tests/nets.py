@@ -438,3 +438,21 @@ def trained_digit_pair():
     gen = torch.Generator().manual_seed(0)
     calib = [(x[i],) for i in torch.randperm(len(x), generator=gen)[:400].split(100)]
     return models, calib, (xt, yt)
+
+
+def traced_spec(model: nn.Module, x: torch.Tensor):
+    """(traced graph, inferred GroupSpec) of a model on example input x."""
+    from pleas_fx.passes.infer_groups import infer_groups
+    from pleas_fx.passes.trace import propagate_shapes, trace_model
+
+    gm = trace_model(model, "model")
+    propagate_shapes(gm, (x,))
+    return gm, infer_groups(gm)
+
+
+def quiet_merge(a: nn.Module, b: nn.Module, x, budget, data, **kw):
+    """pleas_fx.merge without a progress bar."""
+    import pleas_fx
+
+    return pleas_fx.merge(a, b, x, budget, data, progress=False, **kw)
+
