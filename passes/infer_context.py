@@ -313,7 +313,7 @@ class InferenceContext:
             old = self.param_layouts[name]
             merged = []
             for axis, (o, n) in enumerate(zip(old, layouts)):
-                if self._broadcast_axis(o):
+                if self.broadcast_axis(o):
                     merged.append(n)
                     if layout_numel(n) != 1:
                         self.broadcast_axes.add((name, axis))
@@ -329,7 +329,7 @@ class InferenceContext:
         """The name a tensor is declared under (the first of a tied tensor's names)."""
         return self.aliases.get(name, name)
 
-    def _broadcast_axis(self, layout: Layout) -> bool:
+    def broadcast_axis(self, layout: Layout) -> bool:
         """A parameter's size-1 axis as get_attr first declared it (frozen: it could only
         broadcast) and never linked since: an op that then uses the parameter as a per-feature
         vector (a one-channel norm's statistics) re-declares the axis instead of linking it."""

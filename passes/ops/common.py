@@ -114,7 +114,7 @@ def feature_axes_of_weight(ctx, lays: list, partners: dict, weight: bool = False
     lays = list(lays)
     for d, partner in partners.items():
         lay = lays[d]
-        if not (only_broadcast(ctx, lay) and ctx.uf.members[ctx.uf.find(lay[0].group)] == 1):
+        if not ctx.broadcast_axis(lay):
             continue
         owners = [(name, axis) for name, declared in ctx.param_layouts.items()
                   for axis, own in enumerate(declared) if len(own) == 1 and own[0].group == lay[0].group]
