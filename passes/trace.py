@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceError, WeightError
+from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceError, WeightError, first_line
 from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
@@ -169,9 +169,10 @@ def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
         try:
             prop.run(*example_args)
         except Exception as exc:
-            at = f" at node {prop.current.name}" if prop.current is not None else ""
+            node = prop.current.name if prop.current is not None else None
+            at = f" at node {node}" if node is not None else ""
             raise TraceError(f"running the traced model on example_input failed{at}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                             f"{first_line(exc)}", node=node) from exc
 
 
 def model_inputs(gm: fx.GraphModule) -> list[tuple[str, Any]]:

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from pleas_fx.core.errors import InternalError
+from pleas_fx.core.errors import InternalError, first_line
 from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.ir import GroupPlan, GroupSpec, axis_map
 from pleas_fx.passes.within_axes import realign_b
@@ -122,7 +122,7 @@ def check_graph(merged: fx.GraphModule, example_args: tuple, pass_name: str = "w
         exc, node = prop
         where = f"node {node.name} ({node.format_node()})" if node is not None else "the merged graph"
         raise InternalError(pass_name, where, f"the merged graph does not run on example_input: "
-                                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                                              f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _propagate(merged: fx.GraphModule, example_args: tuple, fake: bool) -> tuple[Exception, fx.Node | None] | None:

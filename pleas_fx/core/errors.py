@@ -7,7 +7,12 @@ class PleasError(Exception):
 
 
 class TraceError(PleasError):
-    """A model could not be traced by torch.fx (data-dependent control flow, ...)."""
+    """A model could not be traced by torch.fx (data-dependent control flow, ...), or its traced
+    graph failed to run on the example input (`node`: the name of the node that failed)."""
+
+    def __init__(self, message: str = "", node: str | None = None):
+        super().__init__(message)
+        self.node = node
 
 
 class ArchitectureMismatchError(PleasError):
@@ -44,3 +49,11 @@ def one_line(exc: BaseException, limit: int | None = None) -> str:
     the exception's type name when it has no message. For command-line error reports."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" without one): torch.fx appends lines of its
+    own (the node being executed) to errors raised inside a graph."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+

@@ -7,13 +7,12 @@ model and measures how far its output moves (it should not move at all).
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 
-from pleas_fx.core.errors import TraceError
+from pleas_fx.core.errors import TraceError, first_line
 from pleas_fx.core.inputs import as_args
 from pleas_fx.core.ir import GroupSpec, Layout
 from pleas_fx.inspection.report import (
@@ -128,10 +127,9 @@ def shape_propagate(gm: fx.GraphModule, args: tuple) -> None:
         root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
-        node = re.search(r" at node (\S+?):", str(exc))
         shapes = ", ".join("x".join(map(str, a.shape)) for a in args if torch.is_tensor(a))
-        at = f" at node {node.group(1)}" if node else ""
-        first = " ".join((str(root).splitlines() or [type(root).__name__])[0].split())  # fx appends its own lines
+        at = f" at node {exc.node}" if exc.node else ""
+        first = " ".join((first_line(root) or type(root).__name__).split())
         raise TraceError(
             f"running the traced model on an input of shape {shapes} failed{at}: "
             f"{type(root).__name__}: {first if len(first) <= 600 else first[:597] + '...'}"
