@@ -18,6 +18,7 @@ from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceErro
 from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
+from pleas_fx.passes.lower_shuffle import absorb_channel_shuffles
 from pleas_fx.passes.lower_windows import lower_swin
 from pleas_fx.passes.ops import module_spec
 
@@ -162,8 +163,16 @@ def check_tensors(model: torch.nn.Module, label: str) -> None:
             raise WeightError(f"{label} has {bad} non-finite values in '{name}'")
 
 
-def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
-    """Annotate node.meta['tensor_meta'] for every node (a run on the example input)."""
+def propagate_shapes(gm: fx.GraphModule, example_args: tuple, twins: tuple = ()) -> None:
+    """Annotate node.meta['tensor_meta'] for every node (a run on the example input), then absorb
+    the channel shuffles, which needs the shapes, in gm and its `twins` (the other model of a
+    pair: the same nodes; passes/lower_shuffle.py), and annotate the rewritten graph."""
+    _record_shapes(gm, example_args)
+    if absorb_channel_shuffles(gm, example_args, twins):
+        _record_shapes(gm, example_args)
+
+
+def _record_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
     prop = ShapeRecorder(gm)
     with torch.no_grad():
         try:
@@ -209,5 +218,5 @@ def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     gm_a.to(device)
     gm_b.to(device)
     start = time.perf_counter()
-    propagate_shapes(gm_a, example_args)
+    propagate_shapes(gm_a, example_args, twins=(gm_b,))
     return TracedPair(gm_a, gm_b, example_args, time.perf_counter() - start)

@@ -1,0 +1,159 @@
+"""Channel shuffles absorbed into the layers around them (passes/lower_shuffle.py): the rewritten
+graph computes the same function with no shuffle left, ShuffleNet v2 merges with nothing frozen
+and budget 2 is the ensemble (impossible while a shuffle tied its pieces' permutations), and a
+shuffle whose output reaches an op the pass does not rewrite is left as it was."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
+
+import nets
+import pleas_fx
+from pleas_fx.inspection import describe_groups
+from pleas_fx.passes.trace import propagate_shapes, trace_model
+from pleas_fx.passes.verify import relative_error
+
+
+def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.size()
+    return torch.transpose(x.view(b, groups, c // groups, h, w), 1, 2).contiguous().view(b, -1, h, w)
+
+
+def branch(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1, groups=cout), nn.BatchNorm2d(cout),
+                         nn.Conv2d(cout, cout, 1), nn.ReLU())
+
+
+class Unit(nn.Module):
+    """`pieces` branches (the first may be the identity on a split of the input) concatenated and
+    shuffled with `groups` (ShuffleNet v2: 2 pieces, split, groups 2; v1-like: 3 branches, groups 3)."""
+
+    def __init__(self, c: int, pieces: int, split: bool, groups: int):
+        super().__init__()
+        self.pieces, self.split, self.groups = pieces, split, groups
+        cin = c // pieces if split else c
+        self.branches = nn.ModuleList(branch(cin, c // pieces) for _ in range(pieces - split))
+
+    def forward(self, x):
+        if self.split:
+            parts = x.chunk(self.pieces, dim=1)
+            out = torch.cat([parts[0]] + [f(parts[i + 1]) for i, f in enumerate(self.branches)], 1)
+        else:
+            out = torch.cat([f(x) for f in self.branches], 1)
+        return shuffle(out, self.groups)
+
+
+class Net(nn.Module):
+    def __init__(self, cfg: dict, residual_tail: bool = False):
+        super().__init__()
+        c = cfg["channels"]
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.units = nn.Sequential(*[Unit(c, *u) for u in cfg["units"]])
+        self.residual_tail = residual_tail
+        self.head = nn.Conv2d(c, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.units(x)
+        if self.residual_tail:  # a shuffled value read by an add: not rewritten
+            y = y + x
+        return self.fc(self.head(y).mean((2, 3)))
+
+
+@st.composite
+def configs(draw):
+    pieces = draw(st.sampled_from([2, 3]))
+    c = pieces * draw(st.integers(2, 5)) * (2 if pieces == 2 else 1)
+    units = []
+    for _ in range(draw(st.integers(1, 4))):
+        groups = draw(st.sampled_from([g for g in (2, 3, 4, pieces) if c % g == 0]))
+        units.append((pieces, draw(st.booleans()), groups))
+    return {"channels": c, "units": units}
+
+
+def build(cfg: dict, seed: int, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return nets.randomize_norms(Net(cfg, **kw), seed).eval()
+
+
+def data(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 3, 8, 8, generator=gen), [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(2)]
+
+
+def traced(model: nn.Module, x: torch.Tensor):
+    gm = trace_model(model, "model")
+    propagate_shapes(gm, (x,))
+    return gm
+
+
+@nets.hypothesis_settings(20)
+@given(cfg=configs(), seed=st.integers(0, 10_000))
+def test_absorbed_graph_computes_the_same_function_without_shuffles(cfg, seed):
+    model = build(cfg, seed)
+    x, _ = data(seed)
+    before = nets.snapshot(model)
+    gm = traced(model, x)
+    assert not any(n.target is torch.transpose for n in gm.graph.nodes)
+    assert relative_error(gm(x), model(x)) < 1e-5
+    nets.assert_same_snapshot(before, nets.snapshot(model))  # the permuted weights are the copy's
+
+
+@nets.hypothesis_settings(10)
+@given(cfg=configs(), seed=st.integers(0, 10_000))
+def test_shuffled_nets_merge_with_nothing_frozen(cfg, seed):
+    a, b = build(cfg, seed), build(cfg, seed + 1)
+    x, batches = data(seed)
+    report = describe_groups(a, x, check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert report.check.max_deviation < 1e-5, report.check
+    nets.assert_self_merge_and_budget_two(a, b, x, batches, seed)
+    partial = pleas_fx.merge(a, b, x, 1.4, batches, progress=False)
+    r = partial.meta["pleas_fx"]
+    assert r["parameters"] <= 1.4 * r["parameters_one_model"] + 1e-6
+
+
+def test_a_shuffle_read_by_another_op_is_left_as_it_was():
+    cfg = {"channels": 8, "units": [(2, True, 2), (2, True, 2)]}
+    a, b = build(cfg, 0, residual_tail=True), build(cfg, 1, residual_tail=True)
+    x, batches = data(0)
+    gm = traced(a, x)
+    assert sum(n.target is torch.transpose for n in gm.graph.nodes) == 2
+    assert relative_error(gm(x), a(x)) < 1e-6
+    merged = pleas_fx.merge(a, b, x, 1.0, batches, progress=False)  # the shuffle's units, as before
+    assert torch.isfinite(nets.run(merged, x)).all()
+
+
+def test_chunks_of_permuted_values_become_splits_and_concats():
+    """Deep in a ShuffleNet v2 stage every chunk reads a permuted value: each half is the runs
+    of its channels, one split of the value they were computed in and a concat."""
+    cfg = {"channels": 12, "units": [(2, False, 2)] + [(2, True, 2)] * 3}
+    gm = traced(build(cfg, 0), data(0)[0])
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.split in ops and torch.cat in ops
+    assert not any(n.op == "call_method" and n.target == "chunk" for n in gm.graph.nodes)
+    assert all(isinstance(n.args[1], int) for n in gm.graph.nodes if n.target is operator.getitem)
+
+
+def test_shufflenet_v2_is_merged_with_nothing_frozen_and_budget_two_is_the_ensemble():
+    def make(seed):
+        torch.manual_seed(seed)
+        return nets.randomize_norms(torchvision.models.shufflenet_v2_x0_5(num_classes=10), seed).eval()
+
+    a, b = make(0), make(1)
+    before = nets.snapshot(a)
+    gen = torch.Generator().manual_seed(3)
+    x, batches = torch.randn(3, 3, 32, 32, generator=gen), [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)]
+    report = describe_groups(a, x, check=True)
+    assert report.frozen_hidden_units == 0, report.frozen_by_reason
+    assert report.check.passed, report.check
+    two = pleas_fx.merge(a, b, x, 2.0, batches, progress=False, max_ls_dim=1200)
+    assert relative_error(nets.run(two, x), nets.ensemble(a, b, x)) < 1e-4
+    nets.assert_same_snapshot(before, nets.snapshot(a))
