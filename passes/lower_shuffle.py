@@ -91,6 +91,13 @@ def shuffle_chain(node: fx.Node, shapes: dict[str, torch.Size]) -> tuple[list[fx
     return chain, sout[1]
 
 
+def has_shuffle_pattern(gm: fx.GraphModule) -> bool:
+    """Whether `gm` may hold a channel shuffle (a transpose of axes 1 and 2 of a view or reshape):
+    the cheap test, before shapes are known."""
+    return any(_is_call(n, {"transpose"}) and n.args and isinstance(n.args[0], fx.Node)
+               and _is_call(n.args[0], _VIEWS) for n in gm.graph.nodes)
+
+
 def _shuffle_order(channels: int, groups: int) -> torch.Tensor:
     """sigma: output channel i of the shuffle is input channel sigma[i]."""
     n = channels // groups

@@ -18,7 +18,7 @@ from pleas_fx.core.errors import ArchitectureMismatchError, DataError, TraceErro
 from pleas_fx.core.fxutil import ShapeRecorder, getattr_path
 from pleas_fx.core.inputs import REQUIRED, as_args
 from pleas_fx.passes.lower import lower_multihead_attention, split_fused_qkv
-from pleas_fx.passes.lower_shuffle import absorb_channel_shuffles
+from pleas_fx.passes.lower_shuffle import absorb_channel_shuffles, has_shuffle_pattern
 from pleas_fx.passes.lower_windows import lower_swin
 from pleas_fx.passes.ops import module_spec
 
@@ -208,7 +208,13 @@ def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     check_tensors(model_a, "model_a")
     check_tensors(model_b, "model_b")
     gm_a, gm_b = trace_model(model_a, "model_a"), trace_model(model_b, "model_b")
-    check_same_architecture(gm_a, gm_b)
+    try:
+        check_same_architecture(gm_a, gm_b)
+        mismatch = None
+    except ArchitectureMismatchError as exc:  # unless one is a graph whose shuffles are absorbed already
+        if not (has_shuffle_pattern(gm_a) or has_shuffle_pattern(gm_b)):
+            raise
+        mismatch = exc
     example_args = as_args(example_input, model_inputs(gm_a))
     for i, a in enumerate(example_args):
         if torch.is_tensor(a) and (a.is_meta or a.layout != torch.strided):
@@ -218,5 +224,12 @@ def trace_pair(model_a, model_b, example_input: Any) -> TracedPair:
     gm_a.to(device)
     gm_b.to(device)
     start = time.perf_counter()
-    propagate_shapes(gm_a, example_args, twins=(gm_b,))
-    return TracedPair(gm_a, gm_b, example_args, time.perf_counter() - start)
+    propagate_shapes(gm_a, example_args, twins=(gm_b,) if mismatch is None else ())
+    seconds = time.perf_counter() - start
+    if mismatch is not None:  # e.g. model_b a merged model (its shuffles absorbed), model_a not
+        try:
+            propagate_shapes(gm_b, example_args)
+            check_same_architecture(gm_a, gm_b)
+        except (TraceError, ArchitectureMismatchError):
+            raise mismatch from None
+    return TracedPair(gm_a, gm_b, example_args, seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -157,3 +158,18 @@ def test_shufflenet_v2_is_merged_with_nothing_frozen_and_budget_two_is_the_ensem
     two = pleas_fx.merge(a, b, x, 2.0, batches, progress=False, max_ls_dim=1200)
     assert relative_error(nets.run(two, x), nets.ensemble(a, b, x)) < 1e-4
     nets.assert_same_snapshot(before, nets.snapshot(a))
+
+
+def test_a_model_merges_with_a_graph_whose_shuffles_are_absorbed_already():
+    """model_b a GraphModule from pleas_fx (a merged model, or a permuted copy of the traced A),
+    model_a the original with its shuffles: the shuffles are absorbed before the architectures are
+    compared, so they match; a model of another architecture is still refused."""
+    cfg = {"channels": 8, "units": [(2, False, 2), (2, True, 2)]}
+    a = build(cfg, 0)
+    x, batches = data(0)
+    gm, _, permuted, _ = nets.permuted_copy(a, x, 1)
+    merged = pleas_fx.merge(a, permuted, x, 1.0, batches, progress=False)
+    assert relative_error(nets.run(merged, x), a(x)) < 1e-4
+    other = build({"channels": 8, "units": [(2, False, 2)]}, 0)
+    with pytest.raises(pleas_fx.ArchitectureMismatchError):
+        pleas_fx.merge(other, permuted, x, 1.0, batches, progress=False)

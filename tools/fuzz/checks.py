@@ -16,7 +16,7 @@ from pleas_fx.passes.infer_groups import infer_groups
 from pleas_fx.passes.trace import propagate_shapes, trace_model
 from pleas_fx.passes.verify import permute_model, random_permutations, relative_error
 
-from .configs import CATEGORIES, config_for
+from .configs import ROTATION, config_for
 from .nets import build, inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,7 +130,7 @@ def run_net(seed: int, category: str | None = None, budgets=(1.0, 1.5, 2.0), cfg
             weight_seed: int | None = None) -> Record:
     """Build one net and run every check on it; returns its record."""
     torch.set_num_threads(1)
-    category = category or CATEGORIES[seed % len(CATEGORIES)]
+    category = category or ROTATION[seed % len(ROTATION)]
     cfg = cfg if cfg is not None else config_for(seed, category)
     ws = 2 * seed if weight_seed is None else weight_seed
     rec = Record(seed=seed, category=category, config=cfg, outcome="ok", checks=[], errors=[], ensemble="not run",

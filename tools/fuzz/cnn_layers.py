@@ -319,6 +319,46 @@ class CNNHead(nn.Module):
         return self.fc(x.amax(spatial))  # amax
 
 
+class ShuffleBlock(nn.Module):
+    """ShuffleNet-style: `pieces` branches (1x1 conv, BN, ReLU, depthwise 3x3, 1x1 conv, ReLU) on
+    the input, or the identity on the first of `pieces` chunks and branches on the others;
+    concatenated, then a channel shuffle with `groups`, written one of several ways ("permute" is
+    not absorbed by passes/lower_shuffle.py: the shuffle is then inferred as units)."""
+
+    def __init__(self, dim, cin, kw):
+        super().__init__()
+        conv, bn = _nd(dim, "Conv"), _nd(dim, "BatchNorm")
+        self.split, self.pieces, self.groups, self.style = kw["split"], kw["pieces"], kw["groups"], kw["style"]
+        self.dim = dim
+        w_in = cin // self.pieces if self.split else cin
+        widths = [w_in] * (self.pieces - 1) if self.split else kw["widths"]
+        self.branches = nn.ModuleList(
+            nn.Sequential(conv(w_in, w, 1, bias=False), bn(w), nn.ReLU(), conv(w, w, 3, 1, 1, groups=w), bn(w),
+                          conv(w, w, 1), nn.ReLU()) for w in widths)
+
+    def forward(self, x):
+        if self.split:
+            parts = x.chunk(self.pieces, dim=1)
+            y = torch.cat([parts[0]] + [f(parts[i + 1]) for i, f in enumerate(self.branches)], 1)
+        else:
+            y = torch.cat([f(x) for f in self.branches], 1)
+        b, c = y.shape[0], y.shape[1]
+        rest = [y.shape[2 + i] for i in range(self.dim)]  # (a proxy cannot be iterated)
+        g = self.groups
+        if self.style == "view":
+            return torch.transpose(y.view(b, g, c // g, *rest), 1, 2).contiguous().view(b, -1, *rest)
+        if self.style == "reshape":
+            return y.reshape(b, g, c // g, *rest).transpose(1, 2).reshape(b, c, *rest)
+        if self.style == "flatten":
+            return y.view(b, g, c // g, *rest).transpose(1, 2).flatten(1, 2)
+        order = (0, 2, 1) + tuple(range(3, 3 + len(rest)))
+        return y.reshape(b, g, c // g, *rest).permute(*order).reshape(b, c, *rest)  # permute
+
+
+def shuffle_out_channels(kw, c):
+    return c if kw["split"] else sum(kw["widths"])
+
+
 def cnn_shape(kind, kw, c, L):
     if kind == "conv":
         return kw["cout"], conv_len(L, kw["k"], kw["stride"])
@@ -336,6 +376,8 @@ def cnn_shape(kind, kw, c, L):
                 "add": s, "glu": s}[kw["combine"]], L
     if kind == "dw":
         return (kw["pw"] or c * kw["mult"]), conv_len(L, kw["k"], kw["stride"])
+    if kind == "shuffle":
+        return shuffle_out_channels(kw, c), L
     if kind == "pool":
         if kw["kind"] in ("upsample", "f_interpolate"):
             return c, 2 * L

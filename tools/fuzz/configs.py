@@ -7,7 +7,10 @@ import numpy as np
 from .cnn_layers import cnn_shape
 from .layers import ACTIVATIONS, unknown_dim
 
-CATEGORIES = ("mlp", "cnn1d", "cnn2d", "transformer", "unknown")
+CATEGORIES = ("mlp", "cnn1d", "cnn2d", "transformer", "unknown", "shuffle")
+# a campaign's seed picks its category from these (seed % 5; "shuffle" came later and is drawn
+# with --only shuffle, so that older seeds keep their nets)
+ROTATION = CATEGORIES[:5]
 
 
 class RngDraw:
@@ -189,6 +192,15 @@ def draw_cnn_block(d, kind, c, L, ch):
         return kw
     if kind == "cl_linear":
         return {"cout": ch()}
+    if kind == "shuffle":
+        pieces = d.choice([2, 2, 3])
+        split = c % pieces == 0 and d.bool(0.7)
+        kw = {"pieces": pieces, "split": split, "style": d.choice(["view", "view", "reshape", "flatten", "permute"])}
+        if not split:
+            kw["widths"] = [ch() for _ in range(pieces)]
+        out = c if split else sum(kw["widths"])
+        kw["groups"] = d.choice([g for g in (2, 3, 4, pieces) if out % g == 0 and out // g >= 1] or [1])
+        return kw
     raise ValueError(kind)
 
 
@@ -199,7 +211,7 @@ def cross_norm_block(kind, kw, c) -> bool:
     return kw["kind"] in ("layer_cl", "f_layer_cl") or (kw["kind"] in ("group", "f_group") and kw["groups"] != c)
 
 
-def draw_cnn(d, dim: int, unknown: bool = False) -> dict:
+def draw_cnn(d, dim: int, unknown: bool = False, shuffle: bool = False) -> dict:
     maxc = 8
     ch = lambda: d.int(1, maxc)
     c = d.int(1, 3)
@@ -210,9 +222,12 @@ def draw_cnn(d, dim: int, unknown: bool = False) -> dict:
               "se_cat_res": c >= 2, "dw": True, "grouped": any(c % g == 0 for g in (2, 3, 4)), "pool": L >= 2,
               "norm": True, "cl_linear": True}
         kinds = [k for k in CNN_KINDS if ok[k]]
+        weights = [CNN_WEIGHTS[CNN_KINDS.index(k)] for k in kinds]
+        if shuffle:  # ShuffleNet-style blocks, often in a row
+            kinds, weights = kinds + ["shuffle"], weights + [8]
         # the stem is a conv: a per-channel op on the network input is a known bug
         # (tests/test_invariants.py::test_known_bug_budget_two_with_batchnorm_on_the_input)
-        kind = "conv" if i == 0 else d.choice(kinds, [CNN_WEIGHTS[CNN_KINDS.index(k)] for k in kinds])
+        kind = "conv" if i == 0 else d.choice(kinds, weights)
         kw = draw_cnn_block(d, kind, c, L, ch)
         cfg["cross_norm"] |= cross_norm_block(kind, kw, c)
         c, L = cnn_shape(kind, kw, c, L)
@@ -269,6 +284,8 @@ def draw_config(category: str, d) -> dict:
         cfg = draw_cnn(d, 1 if category == "cnn1d" else 2)
     elif category == "transformer":
         cfg = draw_transformer(d)
+    elif category == "shuffle":
+        cfg = draw_cnn(d, 2, shuffle=True)
     elif category == "unknown":
         base = d.choice(["mlp", "cnn1d", "cnn2d", "transformer"], [1, 1, 2, 1])
         if base == "mlp":

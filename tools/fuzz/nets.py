@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .cnn_layers import CNNHead, ChannelsLastLinear, Concat, ConvAct, Depthwise, Grouped, Norm, Pool, PreAct, \
-    Residual, SEConcatResidual, SplitBlock, SqueezeExcite, cnn_shape
+    Residual, SEConcatResidual, ShuffleBlock, SplitBlock, SqueezeExcite, cnn_shape
 from .layers import FuzzTracer, MLPLinear, MLPResidual, SwiGLU, TBlock, Unknown, unknown_dim
 
 
@@ -47,7 +47,7 @@ class CNN(Stack):
         self.blocks = nn.ModuleList()
         builders = {"conv": ConvAct, "preact": PreAct, "residual": Residual, "concat": Concat, "split": SplitBlock,
                     "se": SqueezeExcite, "se_cat_res": SEConcatResidual, "dw": Depthwise, "grouped": Grouped,
-                    "norm": Norm, "cl_linear": ChannelsLastLinear}
+                    "norm": Norm, "cl_linear": ChannelsLastLinear, "shuffle": ShuffleBlock}
         for kind, kw in cfg["blocks"]:
             if kind == "pool":
                 self.blocks.append(Pool(dim, kw["kind"]))
