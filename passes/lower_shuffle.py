@@ -12,10 +12,10 @@ the source model's channels sits (source channel i = actual channel perm[i]):
 - a chunk or split of a permuted value takes, for each piece, the actual channels of its source
   channels in increasing order: a split at run boundaries and a concat of the runs,
 - a concat concatenates the actual values (perms offset),
-- elementwise ops, BatchNorm and depthwise convolutions keep the perm (their per-channel
-  parameters are permuted to follow it),
-- a convolution (groups=1) absorbs it: its weight's input channels are permuted, its output is
-  in source order again.
+- elementwise ops, pooling, reductions over later axes, BatchNorm and depthwise convolutions
+  keep the perm (their per-channel parameters are permuted to follow it),
+- a convolution (groups=1; 1-d to 3-d) or a Linear layer on (B, C) absorbs it: its weight's
+  input channels are permuted, its output is in source order again.
 
 The result computes exactly the same function with slices, concats and layers only, which the
 group inference handles with independent permutations per piece. Both models of a pair get the
@@ -45,8 +45,11 @@ _ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardswish
                           torch.tanh, F.dropout}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 _SHAPE_ONLY_METHODS = {"size", "dim"}
-_POOLING_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
-_POOLING_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POOLING_MODULES = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd)
+_POOLING_FUNCTIONS = {getattr(F, f"{kind}{d}d") for d in (1, 2, 3)
+                      for kind in ("adaptive_avg_pool", "adaptive_max_pool", "avg_pool", "max_pool")}
 _REDUCTIONS = {"mean", "sum", "amax", "amin"}
 
 
@@ -219,11 +222,11 @@ class _Absorber:
                 pass
             elif node.target not in self.called_once:  # its parameters serve another call too
                 raise _Unsupported(node.name)
-            elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            elif isinstance(module, _CONVS) and module.groups == 1:
                 self._permute(module.weight, perm, 1)
                 node.replace_input_with(x, actual)
                 return
-            elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
+            elif isinstance(module, _CONVS) and module.groups == module.in_channels == module.out_channels:
                 self._permute(module.weight, perm, 0)
                 if module.bias is not None:
                     self._permute(module.bias, perm, 0)
@@ -231,7 +234,7 @@ class _Absorber:
                 self._permute(module.weight, perm, 1)
                 node.replace_input_with(x, actual)
                 return
-            elif isinstance(module, nn.BatchNorm2d):
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 for t in (module.weight, module.bias, module.running_mean, module.running_var):
                     if t is not None:
                         self._permute(t, perm, 0)

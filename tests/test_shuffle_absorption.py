@@ -173,3 +173,36 @@ def test_a_model_merges_with_a_graph_whose_shuffles_are_absorbed_already():
     other = build({"channels": 8, "units": [(2, False, 2)]}, 0)
     with pytest.raises(pleas_fx.ArchitectureMismatchError):
         pleas_fx.merge(other, permuted, x, 1.0, batches, progress=False)
+
+
+class Shuffle1d(nn.Module):
+    """A 1-d ShuffleNet v2 unit (Conv1d, BatchNorm1d, max pooling after the shuffle)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        h = c // 2
+        self.stem = nn.Conv1d(2, c, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv1d(h, h, 1), nn.BatchNorm1d(h), nn.ReLU(),
+                                    nn.Conv1d(h, h, 3, padding=1, groups=h), nn.BatchNorm1d(h), nn.Conv1d(h, h, 1))
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        y = torch.cat((x1, self.branch(x2)), 1)
+        b, c, n = y.size()
+        y = y.view(b, 2, c // 2, n).transpose(1, 2).reshape(b, c, n)
+        return self.head(torch.relu(nn.functional.max_pool1d(y, 2)).amax(2))
+
+
+def test_one_dimensional_shuffles_are_absorbed_down_to_the_linear_head():
+    def make(seed):
+        torch.manual_seed(seed)
+        return nets.randomize_norms(Shuffle1d(8), seed).eval()
+
+    a, b = make(0), make(1)
+    gen = torch.Generator().manual_seed(0)
+    x, batches = torch.randn(3, 2, 12, generator=gen), [torch.randn(4, 2, 12, generator=gen) for _ in range(2)]
+    gm = traced(a, x)
+    assert not any(n.target in (torch.transpose, "transpose") for n in gm.graph.nodes)
+    assert relative_error(gm(x), a(x)) < 1e-6
+    nets.assert_self_merge_and_budget_two(a, b, x, batches, 0)
