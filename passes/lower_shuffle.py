@@ -83,7 +83,8 @@ def shuffle_chain(node: fx.Node, shapes: dict[str, torch.Size]) -> tuple[list[fx
         nxt = next(iter(cur.users))
         if step == "transpose":
             dims = [a for a in nxt.args[1:]] + [nxt.kwargs.get(k) for k in ("dim0", "dim1") if k in nxt.kwargs]
-            if not (_is_call(nxt, {"transpose"}) and nxt.args[0] is cur and sorted(dims) == [1, 2]):
+            if not (_is_call(nxt, {"transpose"}) and nxt.args[0] is cur and all(isinstance(d, int) for d in dims)
+                    and sorted(dims) == [1, 2]):
                 return None
         elif step == "contiguous" and not _is_call(nxt, {"contiguous"}):
             continue
@@ -117,9 +118,11 @@ def _pieces(node: fx.Node, channels: int, ndim: int) -> list[tuple[int, int]] | 
         return None
     what = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
     if _is_call(node, {"chunk"}):
+        if not isinstance(what, int) or what < 1:
+            return None
         size = -(-channels // what)
         sizes = [min(size, channels - s) for s in range(0, channels, size)]
-    elif isinstance(what, int):
+    elif isinstance(what, int) and what >= 1:
         sizes = [min(what, channels - s) for s in range(0, channels, what)]
     elif isinstance(what, (list, tuple)) and all(isinstance(s, int) for s in what):
         sizes = list(what)
@@ -274,7 +277,8 @@ class _Absorber:
     def _cat(self, node: fx.Node) -> None:
         tensors = node.args[0] if node.args else node.kwargs["tensors"]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if dim not in (1, 1 - len(self.shapes[node.name])) or not isinstance(tensors, (list, tuple)):
+        if dim not in (1, 1 - len(self.shapes[node.name])) or not isinstance(tensors, (list, tuple)) or \
+                not all(isinstance(t, fx.Node) and t.name in self.shapes for t in tensors):
             raise _Unsupported(node.name)
         perms, offset = [], 0
         for t in tensors:
