@@ -1,8 +1,8 @@
 """Lowering pass: channel shuffles absorbed into the layers around them.
 
-A channel shuffle (`view(B, g, C/g, ...)`, `transpose(1, 2)`, `view(B, C, ...)`: ShuffleNet) is a
-fixed permutation of the channels. In the group inference it interleaves its g pieces channel
-by channel, which ties their permutations together and, deep in a ShuffleNet v2 stage, makes
+A channel shuffle (`view(B, g, C/g, ...)`, `transpose(1, 2)`, `view(B, C, ...)`: ShuffleNet; or
+reshape, permute(0, 2, 1, ...), flatten(1, 2)) is a fixed permutation of the channels. In the
+group inference it interleaves its g pieces channel by channel, which ties their permutations together and, deep in a ShuffleNet v2 stage, makes
 budget 2 impossible: no layout of a network of twice the width holds two copies (docs/DESIGN.md).
 The permutation does not have to be computed at all: every value downstream of a shuffle is kept
 in the order its producer computed it (the *actual* order), with `perm` recording where each of
@@ -66,7 +66,8 @@ def _is_call(node: fx.Node, names: set[str]) -> bool:
 
 def shuffle_chain(node: fx.Node, shapes: dict[str, torch.Size]) -> tuple[list[fx.Node], int] | None:
     """The nodes of a channel shuffle starting at `node` (view as (B, g, C/g, ...), transpose of
-    axes 1 and 2, optionally contiguous, view back to the input's shape) and g; None if `node`
+    axes 1 and 2 or the same permute, optionally contiguous, view back to the input's shape, or
+    flatten) and g; None if `node`
     does not start one. `shapes`: node name -> output shape."""
     if not (_is_call(node, _VIEWS) and node.args and isinstance(node.args[0], fx.Node)):
         return None
@@ -81,11 +82,8 @@ def shuffle_chain(node: fx.Node, shapes: dict[str, torch.Size]) -> tuple[list[fx
         if len(cur.users) != 1:
             return None
         nxt = next(iter(cur.users))
-        if step == "transpose":
-            dims = [a for a in nxt.args[1:]] + [nxt.kwargs.get(k) for k in ("dim0", "dim1") if k in nxt.kwargs]
-            if not (_is_call(nxt, {"transpose"}) and nxt.args[0] is cur and all(isinstance(d, int) for d in dims)
-                    and sorted(dims) == [1, 2]):
-                return None
+        if step == "transpose" and not (nxt.args and nxt.args[0] is cur and _swaps_axes_1_2(nxt, len(sout))):
+            return None
         elif step == "contiguous" and not _is_call(nxt, {"contiguous"}):
             continue
         elif step == "view" and not (_is_call(nxt, _VIEWS | {"flatten"}) and shapes.get(nxt.name) == sin):
@@ -95,10 +93,21 @@ def shuffle_chain(node: fx.Node, shapes: dict[str, torch.Size]) -> tuple[list[fx
     return chain, sout[1]
 
 
+def _swaps_axes_1_2(node: fx.Node, ndim: int) -> bool:
+    """Whether `node` is transpose(x, 1, 2) or x.permute(0, 2, 1, 3, ...) of an `ndim`-axis x."""
+    if _is_call(node, {"transpose"}):
+        dims = list(node.args[1:]) + [node.kwargs[k] for k in ("dim0", "dim1") if k in node.kwargs]
+        return all(isinstance(d, int) for d in dims) and sorted(d % ndim for d in dims) == [1, 2]
+    if _is_call(node, {"permute"}):
+        dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) == 2 else node.kwargs.get("dims"))
+        return isinstance(dims, (list, tuple)) and list(dims) == [0, 2, 1] + list(range(3, ndim))
+    return False
+
+
 def has_shuffle_pattern(gm: fx.GraphModule) -> bool:
     """Whether `gm` may hold a channel shuffle (a transpose of axes 1 and 2 of a view or reshape):
     the cheap test, before shapes are known."""
-    return any(_is_call(n, {"transpose"}) and n.args and isinstance(n.args[0], fx.Node)
+    return any(_is_call(n, {"transpose", "permute"}) and n.args and isinstance(n.args[0], fx.Node)
                and _is_call(n.args[0], _VIEWS) for n in gm.graph.nodes)
 
 

@@ -206,3 +206,28 @@ def test_one_dimensional_shuffles_are_absorbed_down_to_the_linear_head():
     assert not any(n.target in (torch.transpose, "transpose") for n in gm.graph.nodes)
     assert relative_error(gm(x), a(x)) < 1e-6
     nets.assert_self_merge_and_budget_two(a, b, x, batches, 0)
+
+
+class PermuteShuffle(nn.Module):
+    """The shuffle written with reshape, permute and flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = torch.cat((self.a(x), torch.relu(self.b(x))), 1)
+        b, c, h, w = y.shape
+        y = y.reshape(b, 2, c // 2, h, w).permute(0, 2, 1, 3, 4).flatten(1, 2)
+        return self.head(y).mean((2, 3))
+
+
+def test_a_shuffle_written_with_permute_is_absorbed():
+    torch.manual_seed(0)
+    a, b = PermuteShuffle().eval(), PermuteShuffle().eval()
+    x, batches = data(0)
+    gm = traced(a, x)
+    assert not any(n.op == "call_method" and n.target == "permute" for n in gm.graph.nodes)
+    assert relative_error(gm(x), a(x)) < 1e-6
+    nets.assert_self_merge_and_budget_two(a, b, x, batches, 0)

@@ -322,8 +322,7 @@ class CNNHead(nn.Module):
 class ShuffleBlock(nn.Module):
     """ShuffleNet-style: `pieces` branches (1x1 conv, BN, ReLU, depthwise 3x3, 1x1 conv, ReLU) on
     the input, or the identity on the first of `pieces` chunks and branches on the others;
-    concatenated, then a channel shuffle with `groups`, written one of several ways ("permute" is
-    not absorbed by passes/lower_shuffle.py: the shuffle is then inferred as units)."""
+    concatenated, then a channel shuffle with `groups`, written one of several ways."""
 
     def __init__(self, dim, cin, kw):
         super().__init__()
