@@ -163,6 +163,12 @@ class _Absorber:
         self.dead: dict[fx.Node, None] = {}  # replaced nodes, erased at the end (in order)
         calls = [n.target for n in self.graph.nodes if n.op == "call_module"]
         self.called_once = {t for t in calls if calls.count(t) == 1}
+        # tensors another module or a get_attr node also holds: permuting them would change that use
+        owners: dict[int, int] = {}
+        for _, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            owners[t.data_ptr()] = owners.get(t.data_ptr(), 0) + 1
+        self.shared = {p for p, n in owners.items() if n > 1}
+        self.read_as_attr = {n.target for n in self.graph.nodes if n.op == "get_attr"}
 
     def run(self) -> int:
         shuffles = 0
@@ -232,7 +238,7 @@ class _Absorber:
             module = self.gm.get_submodule(node.target)
             if isinstance(module, _ELEMENTWISE_MODULES):
                 pass
-            elif node.target not in self.called_once:  # its parameters serve another call too
+            elif not self._private(node.target, module):  # its parameters serve another use too
                 raise _Unsupported(node.name)
             elif isinstance(module, _CONVS) and module.groups == 1:
                 self._permute(module.weight, perm, 1)
@@ -257,6 +263,13 @@ class _Absorber:
             raise _Unsupported(node.name)
         node.replace_input_with(x, actual)
         self.perm[node], self.actual[node] = perm, node
+
+    def _private(self, target: str, module: nn.Module) -> bool:
+        """Whether only this call reads `module`'s tensors (called once, nothing tied or read as an
+        attribute), so that permuting them changes nothing else."""
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        return target in self.called_once and not any(t.data_ptr() in self.shared for t in tensors) and \
+            not any(a == target or a.startswith(target + ".") for a in self.read_as_attr)
 
     def _keeps_channels(self, node: fx.Node, x: fx.Node) -> bool:
         """Whether `node` maps a value to one whose axis 1 is the same channels, each computed from
