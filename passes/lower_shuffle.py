@@ -104,6 +104,13 @@ def _swaps_axes_1_2(node: fx.Node, ndim: int) -> bool:
     return False
 
 
+def _scalar_arithmetic(node: fx.Node) -> bool:
+    """x * 0.5, x + 1, ...: one tensor and Python numbers, elementwise."""
+    ops = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub, torch.div}
+    return node.op == "call_function" and node.target in ops and len(node.args) == 2 and not node.kwargs and \
+        isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
+
+
 def has_shuffle_pattern(gm: fx.GraphModule) -> bool:
     """Whether `gm` may hold a channel shuffle (a transpose of axes 1 and 2 of a view or reshape):
     the cheap test, before shapes are known."""
@@ -259,7 +266,7 @@ class _Absorber:
             else:
                 raise _Unsupported(node.name)
         elif not (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS) and \
-                not _is_call(node, _ELEMENTWISE_METHODS):
+                not _is_call(node, _ELEMENTWISE_METHODS) and not _scalar_arithmetic(node):
             raise _Unsupported(node.name)
         node.replace_input_with(x, actual)
         self.perm[node], self.actual[node] = perm, node
