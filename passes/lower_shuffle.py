@@ -314,8 +314,11 @@ class _Absorber:
             c = self.shapes[t.name][1]
             perms.append((self.perm[t] if t in self.perm else torch.arange(c)) + offset)
             offset += c
-        node.update_arg(0, [self.actual.get(t, t) for t in tensors]) if node.args else \
-            node.update_kwarg("tensors", [self.actual.get(t, t) for t in tensors])
+        actual = [self.actual.get(t, t) for t in tensors]
+        if node.args:
+            node.update_arg(0, actual)
+        else:
+            node.update_kwarg("tensors", actual)
         self._set(node, torch.cat(perms), node)
 
     def _split(self, node: fx.Node, x: fx.Node, pieces: list[tuple[int, int]]) -> None:
