@@ -55,19 +55,20 @@ def permute_model(gm: fx.GraphModule, spec: GroupSpec, perms: dict[int, np.ndarr
 
 def relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected| over (nested) tensor outputs."""
-    a, e = _flat(actual), _flat(expected)
+    a, e = flat_tensors(actual), flat_tensors(expected)
     num = max(float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, e))
     den = max(float(y.detach().double().abs().max()) for y in e)
     return num / max(den, 1e-30)
 
 
-def _flat(value) -> list[torch.Tensor]:
+def flat_tensors(value) -> list[torch.Tensor]:
+    """The tensors of a (nested tuple, list or dict) model output, in order."""
     if torch.is_tensor(value):
         return [value]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _flat(v)]
+        return [t for v in value.values() for t in flat_tensors(v)]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flat(v)]
+        return [t for v in value for t in flat_tensors(v)]
     return []
 
 
