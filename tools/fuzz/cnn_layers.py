@@ -354,10 +354,6 @@ class ShuffleBlock(nn.Module):
         return y.reshape(b, g, c // g, *rest).permute(*order).reshape(b, c, *rest)  # permute
 
 
-def shuffle_out_channels(kw, c):
-    return c if kw["split"] else sum(kw["widths"])
-
-
 def cnn_shape(kind, kw, c, L):
     if kind == "conv":
         return kw["cout"], conv_len(L, kw["k"], kw["stride"])
@@ -376,7 +372,7 @@ def cnn_shape(kind, kw, c, L):
     if kind == "dw":
         return (kw["pw"] or c * kw["mult"]), conv_len(L, kw["k"], kw["stride"])
     if kind == "shuffle":
-        return shuffle_out_channels(kw, c), L
+        return (c if kw["split"] else sum(kw["widths"])), L
     if kind == "pool":
         if kw["kind"] in ("upsample", "f_interpolate"):
             return c, 2 * L

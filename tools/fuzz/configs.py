@@ -198,8 +198,8 @@ def draw_cnn_block(d, kind, c, L, ch):
         kw = {"pieces": pieces, "split": split, "style": d.choice(["view", "view", "reshape", "flatten", "permute"])}
         if not split:
             kw["widths"] = [ch() for _ in range(pieces)]
-        out = c if split else sum(kw["widths"])
-        kw["groups"] = d.choice([g for g in (2, 3, 4, pieces) if out % g == 0 and out // g >= 1] or [1])
+        out = cnn_shape("shuffle", kw, c, L)[0]
+        kw["groups"] = d.choice([g for g in (2, 3, 4, pieces) if out % g == 0] or [1])
         return kw
     raise ValueError(kind)
 
