@@ -12,7 +12,6 @@ zip that differs from what the merged model computes turns the prefix off for th
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,29 +20,16 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from pleas_fx.core.errors import InternalError
+from pleas_fx.core.fxutil import mutates
 
 log = logging.getLogger(__name__)
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
 # a zipped prefix value may differ from the merged model's own by float rounding only
 ZIP_TOLERANCE = 1e-4
 
 
-def _mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Whether `n` may write into its first argument in place."""
-    if n.kwargs.get("inplace") is True:
-        return True
-    if n.op == "call_module":
-        return getattr(gm.get_submodule(n.target), "inplace", False) is True
-    if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        return n.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
-    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")
-
-
 def _mutated_values(gm: fx.GraphModule) -> set[fx.Node]:
-    return {n.args[0] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and _mutates(gm, n)}
+    return {n.args[0] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and mutates(gm, n)}
 
 
 def unsafe(gm: fx.GraphModule) -> bool:

@@ -13,8 +13,9 @@ the source model's channels sits (source channel i = actual channel perm[i]):
 - a chunk or split of a permuted value takes, for each piece, the actual channels of its source
   channels in increasing order: a split at run boundaries and a concat of the runs,
 - a concat concatenates the actual values (perms offset),
-- elementwise ops, pooling, reductions over later axes, BatchNorm and depthwise convolutions
-  keep the perm (their per-channel parameters are permuted to follow it),
+- elementwise ops of one tensor (passes/ops/elementwise.py's list; in place only where that
+  would write no value read in source order), pooling, reductions over later axes, BatchNorm and
+  depthwise convolutions keep the perm (their per-channel parameters are permuted to follow it),
 - a convolution (groups=1; 1-d to 3-d) or a Linear layer on (B, C) absorbs it: its weight's
   input channels are permuted, its output is in source order again.
 
@@ -35,17 +36,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pleas_fx.core.errors import InternalError
-from pleas_fx.core.fxutil import node_shape
+from pleas_fx.core.fxutil import mutates, node_shape
+from pleas_fx.passes.ops.elementwise import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES
 from pleas_fx.passes.verify import flat_tensors, relative_error
 
 log = logging.getLogger(__name__)
 
 _VIEWS = {"view", "reshape"}
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
-                        nn.Tanh, nn.Identity, nn.Dropout)
-_ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardswish, F.silu, F.gelu, torch.sigmoid,
-                          torch.tanh, F.dropout}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+_ELEMENTWISE_FUNCTION_SET = set(ELEMENTWISE_FUNCTIONS)
+_ELEMENTWISE_METHOD_SET = set(ELEMENTWISE_METHODS)
 _SHAPE_ONLY_METHODS = {"size", "dim"}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POOLING_MODULES = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
@@ -103,13 +102,6 @@ def _swaps_axes_1_2(node: fx.Node, ndim: int) -> bool:
         dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) == 2 else node.kwargs.get("dims"))
         return isinstance(dims, (list, tuple)) and list(dims) == [0, 2, 1] + list(range(3, ndim))
     return False
-
-
-def _scalar_arithmetic(node: fx.Node) -> bool:
-    """x * 0.5, x + 1, ...: one tensor and Python numbers, elementwise."""
-    ops = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub, torch.div}
-    return node.op == "call_function" and node.target in ops and len(node.args) == 2 and not node.kwargs and \
-        isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
 
 
 def has_shuffle_pattern(gm: fx.GraphModule) -> bool:
@@ -236,6 +228,10 @@ class _Absorber:
         pieces = _pieces(node, len(perm), len(self.shapes[x.name]))
         if pieces is not None and node.args[0] is x:
             return self._split(node, x, pieces)
+        if self._elementwise_of(node, x):  # an activation, x * 0.5, 1 - x, a cast: channel by channel
+            node.replace_input_with(x, actual)
+            self.perm[node], self.actual[node] = perm, node
+            return
         if sum(i in self.perm for i in node.all_input_nodes) != 1 or node.args[0] is not x:
             raise _Unsupported(node.name)
         if self._keeps_channels(node, x):  # per-channel pooling, a reduction or flatten of other axes
@@ -244,9 +240,7 @@ class _Absorber:
             return
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
-            if isinstance(module, _ELEMENTWISE_MODULES):
-                pass
-            elif not self._private(node.target, module):  # its parameters serve another use too
+            if not self._private(node.target, module):  # its parameters serve another use too
                 raise _Unsupported(node.name)
             elif isinstance(module, _CONVS) and module.groups == 1:
                 self._permute(module.weight, perm, 1)
@@ -266,11 +260,25 @@ class _Absorber:
                         self._permute(t, perm, 0)
             else:
                 raise _Unsupported(node.name)
-        elif not (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS) and \
-                not _is_call(node, _ELEMENTWISE_METHODS) and not _scalar_arithmetic(node):
+        else:
             raise _Unsupported(node.name)
         node.replace_input_with(x, actual)
         self.perm[node], self.actual[node] = perm, node
+
+    def _elementwise_of(self, node: fx.Node, x: fx.Node) -> bool:
+        """Whether `node` is an elementwise op (passes/ops/elementwise.py) whose one graph input is
+        `x`, every other argument a Python value: it maps each channel on its own, so its output
+        keeps x's permutation. In place only where x's actual-order value is x's own node (the
+        shuffle's input, say, is also read in its own order)."""
+        if node.all_input_nodes != [x]:
+            return False
+        if mutates(self.gm, node) and self.actual[x] is not x:  # it would write a value read unpermuted too
+            return False
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(node.target), ELEMENTWISE_MODULES)
+        if node.op == "call_method":
+            return node.target in _ELEMENTWISE_METHOD_SET
+        return node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTION_SET
 
     def _private(self, target: str, module: nn.Module) -> bool:
         """Whether only this call reads `module`'s tensors (called once, nothing tied or read as an

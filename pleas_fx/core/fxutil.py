@@ -1,7 +1,8 @@
 """Small torch.fx helpers every layer uses: reading a qualified attribute, a node's shape,
-recording shapes."""
+recording shapes, whether a node writes its input in place."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -31,6 +32,22 @@ def node_shape(node: fx.Node) -> Any:
         return None
 
     return convert(meta)
+
+
+INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+def mutates(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether `n` may write into its first argument in place."""
+    if n.kwargs.get("inplace") is True:
+        return True
+    if n.op == "call_module":
+        return getattr(gm.get_submodule(n.target), "inplace", False) is True
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return n.target in INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+    return n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")
 
 
 def op_name(node: fx.Node) -> str:
