@@ -265,3 +265,33 @@ def test_layers_with_too_few_rows_for_a_re_solve_are_not_measured(monkeypatch):
     short = set(measured[1]) - set(measured[0])
     assert short == {"fc", "layer2_conv2"}
     assert torch.equal(outputs[0], outputs[1])
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(20, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("rows, measured", [(22, False), (40, True), (60, True)])
+def test_a_linear_layer_is_re_solved_from_one_and_a_half_rows_per_merged_input_entry(monkeypatch, rows, measured):
+    """fc1's merged input at budget 1 has 20 + 1 entries: re-solved from 1.5 x 21 = 31.5 rows on
+    (the source-input solution it would keep instead is fitted to the same rows over 2 x 20 + 1
+    entries), not from 22."""
+    from pleas_fx.passes import merged_inputs
+    seen: list[str] = []
+    original = merged_inputs.accumulate
+
+    def spy(prev, w, *args):
+        seen.append(w.node)
+        return original(prev, w, *args)
+
+    monkeypatch.setattr(merged_inputs, "accumulate", spy)
+    torch.manual_seed(0)
+    a, b = _Mlp().eval(), _Mlp().eval()
+    x = torch.randn(rows, 20, generator=torch.Generator().manual_seed(1))
+    pleas_fx.merge(a, b, x[:2], 1.0, [x], progress=False)
+    assert ("fc1" in seen) == measured
