@@ -12,10 +12,14 @@ few forward passes).
   affine map), dropout is off; only parameters train, never buffers.
 - Entries that are exactly zero stay zero (their gradients are masked): the structurally zero
   blocks of weights kept dense, so the merge stores what its budget counts.
-- A fifth of the calibration samples (at least one chunk) is held out. The held-out loss is
-  measured before training and after every epoch; the parameters of the best epoch are kept,
-  and the filled weights are restored when no epoch improves on them: the pass never leaves the
-  merge worse on data it did not train on.
+- A fifth of the calibration samples (at least one chunk) is held out (`split_holdout`), from the
+  whole merge: the statistics, the least squares and any BatchNorm repair read only the other
+  chunks, so the held-out loss measures the filled weights on samples they were not fitted to
+  (a layer least squares fits to its rows closely, say a Linear layer with few rows per entry,
+  looked better on its own rows than any trained epoch). It is measured before training and
+  after every epoch; the parameters of the best epoch are kept, and the filled weights are
+  restored when no epoch improves on them: the pass never leaves the merge worse on data it did
+  not train on.
 - A merge that already is the ensemble (budget 2, nothing frozen) or a copy of a source (a
   held-out loss of rounding size) is left as it is: Adam's normalised steps would otherwise
   move it by the learning rate.
@@ -58,6 +62,15 @@ def chunks(batches: Iterable[tuple], size: int = CHUNK) -> list[tuple]:
     return out
 
 
+def split_holdout(batches: Iterable[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """The calibration batches as chunks (`chunks`): (the chunks the merge fits and distillation
+    trains on, every HOLDOUT-th chunk held out); nothing is held out from fewer than two chunks."""
+    parts = chunks(batches)
+    if len(parts) < 2:
+        return parts, []
+    return [p for i, p in enumerate(parts) if i % HOLDOUT], parts[::HOLDOUT]
+
+
 def _outputs(value, where: str) -> list[torch.Tensor]:
     """The floating-point tensors of a model's output, in order."""
     leaves = [v for v in tree_leaves(value) if torch.is_tensor(v) and v.is_floating_point()]
@@ -92,21 +105,22 @@ class _Loss:
         return sum(((o - t) ** 2).mean() / s for o, t, s in zip(outputs, targets, self.scale))
 
 
-def distill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, batches: Iterable[tuple],
-            epochs: int, lr: float, *, separate: bool = False, exact: bool = False, seed: int = 0,
-            progress: bool | None = None) -> dict:
-    """Train `merged` in place towards the ensemble's outputs on `batches` (see the module
-    docstring). Returns the report: held-out losses before and after, epochs run, the epoch
-    kept (0: the filled weights), steps and seconds."""
+def distill(merged: fx.GraphModule, gm_a: fx.GraphModule, gm_b: fx.GraphModule, fit: list[tuple],
+            held_out: list[tuple], epochs: int, lr: float, *, separate: bool = False, exact: bool = False,
+            seed: int = 0, progress: bool | None = None) -> dict:
+    """Train `merged` in place towards the ensemble's outputs on the chunks `fit`, keeping the
+    epoch best on `held_out` (`split_holdout`; see the module docstring). Returns the report:
+    held-out losses before and after, epochs run, the epoch kept (0: the filled weights), steps
+    and seconds."""
     start = time.perf_counter()
     report = {"epochs": epochs, "lr": lr, "chunk": CHUNK, "kept_epoch": 0, "steps": 0}
     if exact:
         return {**report, "skipped": "the merge is the ensemble", "seconds": 0.0}
-    parts = chunks(batches)
-    if len(parts) < 2:
+    if not held_out or not fit:
         return {**report, "skipped": "fewer than two calibration chunks (nothing to hold out)", "seconds": 0.0}
-    held = range(0, len(parts), HOLDOUT)  # with two chunks or more, some are left to train on
-    train = [i for i in range(len(parts)) if i % HOLDOUT]
+    parts = list(fit) + list(held_out)
+    train = range(len(fit))
+    held = range(len(fit), len(parts))
     merged.eval()
     targets = [ensemble_targets(gm_a, gm_b, args, separate) for args in parts]
     loss_fn = _Loss([targets[i] for i in train])

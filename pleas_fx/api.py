@@ -13,7 +13,7 @@ from pleas_fx.options import MergeOptions
 from pleas_fx.passes import methods
 from pleas_fx.passes.allocate import WidthAllocator
 from pleas_fx.passes.compact import compact, stored_zeros
-from pleas_fx.passes.distill import distill
+from pleas_fx.passes.distill import distill, split_holdout
 from pleas_fx.passes.fill import MergedInputOptions, fill_models
 from pleas_fx.passes.merged_inputs import leading_batches, refined_samples
 from pleas_fx.passes.footprint import Footprint
@@ -190,12 +190,16 @@ def merge(
     head = separate_heads(spec, traced.gm_a) if opts.heads == "separate" else None
     weights = plan_weights(traced.gm_a, opts.max_ls_dim, spec.aliases) if opts.method.solve != "mapped" else WeightPlan()
     data_in = calibration(opts, traced)
+    batches, total, held_out = data_in.batches, data_in.total, []
+    if opts.distill:  # the samples distillation validates on are held out of the whole merge
+        batches, held_out = split_holdout(batches)
+        total = len(batches)
     with timer("statistics"):
         sites = methods.sites_to_measure(spec, opts.matching, opts.data is not None)
-        stats = (collect_statistics(traced.gm_a, traced.gm_b, data_in.batches, weights.solved, sites,
-                                    dtype=opts.stats_dtype, progress=opts.progress, total=data_in.total,
+        stats = (collect_statistics(traced.gm_a, traced.gm_b, batches, weights.solved, sites,
+                                    dtype=opts.stats_dtype, progress=opts.progress, total=total,
                                     positions=opts.positions, seed=opts.seed, full_sites=opts.matching == "zipit",
-                                    refined_samples=refined_samples(data_in.batches) if opts.merged_inputs else None)
+                                    refined_samples=refined_samples(batches) if opts.merged_inputs else None)
                  if weights.solved or sites else Statistics())
     with timer("matching"):
         match = methods.match(opts.matching, spec, stats, traced.gm_a, traced.gm_b, seed=opts.seed)
@@ -204,7 +208,7 @@ def merge(
         log.info("%d weight(s) mapped, not solved: %s", len(weights.notes), "; ".join(weights.notes))
     if dropped:
         log.info("%d matching site(s) left out (non-finite activations): %s", len(dropped), ", ".join(dropped))
-    build = _Builder(traced, spec, head, weights, stats, match, opts, data_in.batches, frozen, dropped)
+    build = _Builder(traced, spec, head, weights, stats, match, opts, batches, held_out, frozen, dropped)
     allocator = WidthAllocator(spec, match.pair_cost, build.footprint, traced.gm_a, opts.allocation,
                                lambda widths: build.model(widths, Timer())[0])
     all_widths, timers, allocations = [], [], []
@@ -228,10 +232,11 @@ class _Builder:
     heads, repair BatchNorm statistics, verify, report."""
 
     def __init__(self, traced: TracedPair, spec, head: SeparateHeads | None, weights: WeightPlan,
-                 stats: Statistics, match, opts: MergeOptions, batches, frozen: FrozenSummary,
+                 stats: Statistics, match, opts: MergeOptions, batches, held_out: list, frozen: FrozenSummary,
                  dropped: list[str]) -> None:
         self.traced, self.spec, self.head, self.weights = traced, spec, head, weights
         self.stats, self.match, self.opts, self.batches, self.frozen = stats, match, opts, batches, frozen
+        self.held_out = held_out  # distillation's held-out chunks (passes/distill.py split_holdout)
         self.dropped = dropped
         self.footprint = Footprint(spec, [n for n, _ in traced.gm_a.named_parameters()])
         self.fake_check = fake_check_pays(traced.forward_seconds, traced.gm_a)  # how merged graphs are checked
@@ -296,8 +301,8 @@ class _Builder:
         distilled = None
         if opts.distill:
             with t("distill"):
-                distilled = distill(merged, self.traced.gm_a, self.traced.gm_b, self.batches, opts.distill,
-                                    opts.distill_lr, separate=self.head is not None, exact=self._exact(plans),
+                distilled = distill(merged, self.traced.gm_a, self.traced.gm_b, self.batches, self.held_out,
+                                    opts.distill, opts.distill_lr, separate=self.head is not None, exact=self._exact(plans),
                                     seed=opts.seed, progress=opts.progress)
         with t("verify"):
             limit = budget if opts.allocation.budget_metric == "params" else 2.0

@@ -10,7 +10,7 @@ import torch
 
 import pleas_fx
 from pleas_fx.core.errors import PleasError
-from pleas_fx.passes.distill import chunks
+from pleas_fx.passes.distill import chunks, split_holdout
 from pleas_fx.passes.verify import relative_error
 from nets import ensemble, permuted_copy, run, trained_digit_pair
 
@@ -74,9 +74,11 @@ def test_budget_two_and_self_merge_stay_exact(pair):
     assert relative_error(run(one, data[0][0]), run(a, data[0][0])) < 1e-4
 
 
-def test_a_diverging_run_restores_the_filled_weights(pair):
+def test_a_diverging_run_restores_the_filled_weights_fitted_without_the_held_out_chunks(pair):
     a, b, data, x, _ = pair
-    plain = pleas_fx.merge(a, b, x, 1.0, data, progress=False)
+    fit, held = split_holdout(data)
+    assert len(held) == 4 and sum(len(c[0]) for c in fit + held) == sum(len(c[0]) for c in data)
+    plain = pleas_fx.merge(a, b, x, 1.0, fit, progress=False)  # the merge distillation starts from
     wild = pleas_fx.merge(a, b, x, 1.0, data, progress=False, distill=2, distill_lr=50.0)
     report = wild.meta["pleas_fx"]["distill"]
     assert report["kept_epoch"] == 0 and report["steps"] == 2 * 12
