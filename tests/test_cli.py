@@ -159,8 +159,8 @@ def test_tensor_file_and_other_checkpoint_formats(files, tmp_path, capsys):
     assert status == 0, err
     assert err == ""  # --quiet: nothing on stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["models"][0]["statistics"]["batches"] == 2
-    assert report["models"][0]["distill"]["epochs"] == 2  # 2 batches of 8: one chunk held out, one trained on
+    assert report["models"][0]["statistics"]["batches"] == 1  # 2 batches of 8: one chunk held out of the merge
+    assert report["models"][0]["distill"]["epochs"] == 2  # and one trained on
     assert report["models"][0]["distill"]["steps"] == 2
     assert "distilled, held-out loss per budget: 1.2: " in stdout
     assert report["evaluation"] is None and not (out / "accuracy.png").exists()
