@@ -229,41 +229,39 @@ class _Absorber:
         if pieces is not None and node.args[0] is x:
             return self._split(node, x, pieces)
         if self._elementwise_of(node, x):  # an activation, x * 0.5, 1 - x, a cast: channel by channel
-            node.replace_input_with(x, actual)
-            self.perm[node], self.actual[node] = perm, node
-            return
+            return self._keep_perm(node, x)
         if sum(i in self.perm for i in node.all_input_nodes) != 1 or node.args[0] is not x:
             raise _Unsupported(node.name)
         if self._keeps_channels(node, x):  # per-channel pooling, a reduction or flatten of other axes
+            return self._keep_perm(node, x)
+        if node.op != "call_module":
+            raise _Unsupported(node.name)
+        module = self.gm.get_submodule(node.target)
+        if not self._private(node.target, module):  # its parameters serve another use too
+            raise _Unsupported(node.name)
+        if isinstance(module, _CONVS) and module.groups == 1:
+            self._permute(module.weight, perm, 1)
             node.replace_input_with(x, actual)
-            self.perm[node], self.actual[node] = perm, node
-            return
-        if node.op == "call_module":
-            module = self.gm.get_submodule(node.target)
-            if not self._private(node.target, module):  # its parameters serve another use too
-                raise _Unsupported(node.name)
-            elif isinstance(module, _CONVS) and module.groups == 1:
-                self._permute(module.weight, perm, 1)
-                node.replace_input_with(x, actual)
-                return
-            elif isinstance(module, _CONVS) and module.groups == module.in_channels == module.out_channels:
-                self._permute(module.weight, perm, 0)
-                if module.bias is not None:
-                    self._permute(module.bias, perm, 0)
-            elif isinstance(module, nn.Linear) and len(self.shapes[x.name]) == 2:
-                self._permute(module.weight, perm, 1)
-                node.replace_input_with(x, actual)
-                return
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                for t in (module.weight, module.bias, module.running_mean, module.running_var):
-                    if t is not None:
-                        self._permute(t, perm, 0)
-            else:
-                raise _Unsupported(node.name)
+        elif isinstance(module, nn.Linear) and len(self.shapes[x.name]) == 2:
+            self._permute(module.weight, perm, 1)
+            node.replace_input_with(x, actual)
+        elif isinstance(module, _CONVS) and module.groups == module.in_channels == module.out_channels:
+            for t in (module.weight, module.bias):  # depthwise: per channel, the perm kept
+                if t is not None:
+                    self._permute(t, perm, 0)
+            self._keep_perm(node, x)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for t in (module.weight, module.bias, module.running_mean, module.running_var):
+                if t is not None:
+                    self._permute(t, perm, 0)
+            self._keep_perm(node, x)
         else:
             raise _Unsupported(node.name)
-        node.replace_input_with(x, actual)
-        self.perm[node], self.actual[node] = perm, node
+
+    def _keep_perm(self, node: fx.Node, x: fx.Node) -> None:
+        """`node` reads x's actual-order value, and its output keeps x's permutation."""
+        node.replace_input_with(x, self.actual[x])
+        self.perm[node], self.actual[node] = self.perm[x], node
 
     def _elementwise_of(self, node: fx.Node, x: fx.Node) -> bool:
         """Whether `node` is an elementwise op (passes/ops/elementwise.py) whose one graph input is
