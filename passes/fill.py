@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -246,7 +247,8 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
             jobs = [_job(f, solved) for i, f in enumerate(fillers) if not (exact and exact[i])]
             if jobs:
                 refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
-                       positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype)
+                       positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype,
+                       top_up=merged_inputs.top_up)
     if stats is not None:
         stats.cache.pop("source_mean", None)  # (a d^2 matrix: not kept past the fill)
     return [f.notes for f in fillers]
@@ -296,9 +298,11 @@ def _fill_all(fillers: list[_Filler], weights: WeightPlan, solve: str) -> None:
 class MergedInputOptions:
     """Merged-input least squares: the calibration batches (read at every level), conv
     positions per sample (None: exact, a count, or AUTO: passes/positions.py), the random seed of
-    drawn positions, the sums' dtype."""
+    drawn positions, the sums' dtype, and `top_up(n)`: batches of at least n more samples for the
+    data-limited levels (passes/mixup.py; None: none)."""
 
     batches: list
     positions: int | str | None = AUTO
     seed: int = 0
     dtype: torch.dtype = torch.float64
+    top_up: Callable[[int], list] | None = None

@@ -20,7 +20,11 @@ to the level, and for each layer of the level the running sums of
 are accumulated in float64 (passes/merged_sums.py). This is all the solve reads (passes/linalg.py
 `MergedInputs`). With `positions="auto"` a level reads just the leading batches its layers need
 (`level_batches`: a few for the large maps of early layers, all for the small late ones), and
-each convolution just enough drawn positions per sample (passes/positions.py).
+each convolution just enough drawn positions per sample (passes/positions.py). A *data-limited*
+level (a layer with fewer than TOP_UP_ROWS_PER_INPUT rows per entry of its widest merged input
+from the leading samples: a Linear layer on flattened features) reads on into more samples
+(`top_up_samples`): the calibration batches past the leading ones, then mixup copies
+(passes/mixup.py).
 
 Activations between levels (passes/level_runner.py): each batch keeps the values still needed
 after the level (the *frontier*) in every network, so the next level runs only the nodes between
@@ -67,6 +71,14 @@ CACHE_BYTES = 2 * 2**30
 MIN_ROWS_PER_INPUT = 1.5
 # with AUTO positions, every level's moments read at least this many samples (level_batches)
 MIN_LEVEL_SAMPLES = 128
+# a level is data-limited where its leading samples give a layer fewer rows than this per entry of
+# its widest merged input (2 x its per-model input entries + 1): the level then reads more samples,
+# up to this many rows per entry (`top_up_samples`; passes/mixup.py). 2 lies between the digit
+# VGG's first Linear layer (0.87 rows per entry: better with the top-up) and the classifiers at
+# 4-8 (the VGG's last layer: no gain; the ResNet's: -1 point on the rotated pair)
+TOP_UP_ROWS_PER_INPUT = 2.0
+# a data-limited level reads at most this many times the leading samples
+TOP_UP_MAX_FACTOR = 2
 
 
 def leading_batches(batches: Iterable, samples: int = MERGED_INPUT_SAMPLES) -> list:
@@ -102,30 +114,64 @@ def weight_levels(gm: fx.GraphModule, nodes: list[WeightNode]) -> list[list[Weig
     return [levels[k] for k in sorted(levels)]
 
 
-def level_batches(level: list[WeightNode], gm_a: fx.GraphModule, batches: list, positions, world_size: int = 1
-                  ) -> int:
-    """How many leading batches a level's moments read. With AUTO positions, just enough samples
-    for each layer's rows (passes/positions.py) at every output position of the widest merged
-    input (2 x its per-model input entries; from the shapes of model A's graph), at least
-    MIN_LEVEL_SAMPLES and one batch per process: the early levels of an image network, where each
-    sample gives thousands of positions, read a few batches, so the frontiers kept between levels
-    stay small and no batch is run again from the input. Otherwise every batch."""
-    if positions != AUTO:
-        return len(batches)
+def _rows_and_entries(w: WeightNode, gm_a: fx.GraphModule, nodes: dict) -> tuple[int, int] | None:
+    """(rows per sample of layer w's moments at every output position, its per-model input
+    entries per output), from the shapes of model A's graph; None where they are unknown."""
+    shape = node_shape(nodes[w.node]) if w.node in nodes else None
+    try:
+        dim = getattr_path(gm_a, w.weight)[0].numel()
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if not isinstance(shape, torch.Size) or len(shape) < 2:
+        return None
+    per = math.prod(shape[2:]) if w.kind != "linear" else math.prod(shape[1:-1])
+    return max(per, 1), dim
+
+
+def top_up_samples(level: list[WeightNode], gm_a: fx.GraphModule, samples: int) -> int:
+    """The samples a data-limited level reads (0 for a level that is not): enough for
+    TOP_UP_ROWS_PER_INPUT rows per entry of each layer's widest merged input where `samples`
+    (the leading samples) give fewer, at most TOP_UP_MAX_FACTOR x `samples`. A layer that even
+    that many samples would not give MIN_ROWS_PER_INPUT rows per entry of its narrowest merged
+    input (budget 1: it is not re-solved) asks for none (a 2,048-feature classifier on 512
+    images)."""
     nodes = {n.name: n for n in gm_a.graph.nodes}
-    need = MIN_LEVEL_SAMPLES
+    want, most = 0, TOP_UP_MAX_FACTOR * samples
     for w in level:
-        shape = node_shape(nodes[w.node]) if w.node in nodes else None
-        try:
-            dim = getattr_path(gm_a, w.weight)[0].numel()  # per-model input entries of one output
-        except (AttributeError, IndexError, TypeError):
-            return len(batches)
-        if not isinstance(shape, torch.Size) or len(shape) < 2:
-            return len(batches)
-        per = math.prod(shape[2:]) if w.kind != "linear" else math.prod(shape[1:-1])
-        need = max(need, math.ceil(max(MIN_ROWS, LS_ROWS_PER_ENTRY * 2 * dim) / max(per, 1)))
+        got = _rows_and_entries(w, gm_a, nodes)
+        if got is None:
+            continue
+        per, dim = got
+        if per * samples < TOP_UP_ROWS_PER_INPUT * (2 * dim + 1) and per * most >= MIN_ROWS_PER_INPUT * (dim + 1):
+            want = max(want, math.ceil(TOP_UP_ROWS_PER_INPUT * (2 * dim + 1) / per))
+    return min(want, most)
+
+
+def level_batches(level: list[WeightNode], gm_a: fx.GraphModule, batches: list, positions, world_size: int = 1,
+                  leading: int | None = None) -> int:
+    """How many of `batches` a level's moments read. Of the `leading` first ones (None: all):
+    with AUTO positions, just enough samples for each layer's rows (passes/positions.py) at
+    every output position of the widest merged input (2 x its per-model input entries; from the
+    shapes of model A's graph), at least MIN_LEVEL_SAMPLES and one batch per process: the early
+    levels of an image network, where each sample gives thousands of positions, read a few
+    batches, so the frontiers kept between levels stay small and no batch is run again from the
+    input. Otherwise every leading batch. A data-limited level (`top_up_samples`) reads on past
+    the leading batches, into the top-up ones."""
+    leading = len(batches) if leading is None else min(leading, len(batches))
+    nodes = {n.name: n for n in gm_a.graph.nodes}
+    need = MIN_LEVEL_SAMPLES if positions == AUTO else math.inf
+    for w in level:
+        got = _rows_and_entries(w, gm_a, nodes)
+        if got is None:
+            need = math.inf
+        else:
+            need = max(need, math.ceil(max(MIN_ROWS, LS_ROWS_PER_ENTRY * 2 * got[1]) / got[0]))
     used, seen = 0, 0
-    while used < len(batches) and (seen < need or used < world_size):
+    while used < leading and (seen < need or used < world_size):
+        seen += batch_samples(batches[used])
+        used += 1
+    more = top_up_samples(level, gm_a, sum(batch_samples(b) for b in batches[:leading]))
+    while used < len(batches) and seen < more:
         seen += batch_samples(batches[used])
         used += 1
     return used
@@ -153,12 +199,24 @@ class Job:
 @torch.no_grad()
 def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: list[list[WeightNode]],
            batches: list, *, positions: int | str | None = AUTO, seed: int = 0, dtype: torch.dtype = torch.float64,
-           cache_bytes: int | None = None) -> None:
+           cache_bytes: int | None = None, top_up: Callable[[int], list] | None = None) -> None:
     """Merged-input least squares for every job, level by level (`levels`: weight_levels of model
     A's graph), all jobs in lockstep over `batches` (this rank's share under torch.distributed,
     the sums all-reduced). `positions`: the conv positions each layer's moments read (None: all;
-    passes/positions.py). `cache_bytes`: the frontier budget (None: CACHE_BYTES)."""
+    passes/positions.py). `cache_bytes`: the frontier budget (None: CACHE_BYTES). `top_up(n)`:
+    at least n more samples' batches for the data-limited levels (`top_up_samples`;
+    passes/mixup.py `top_up_batches`), None: none."""
     cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
+    todos = [[[w for w in level if w.node not in job.kept_apart] for job in jobs] for level in levels]
+    leading, lead_samples = len(batches), sum(batch_samples(b) for b in batches)
+    want = max((top_up_samples([w for job_todo in todo for w in job_todo], gm_a, lead_samples) for todo in todos),
+               default=0)
+    if top_up is not None and want > lead_samples:
+        extra = top_up(want - lead_samples)
+        log.info("merged-input least squares: the data-limited levels read %d more samples (fewer than %g rows "
+                 "per merged input entry in the leading %d)", sum(batch_samples(b) for b in extra),
+                 TOP_UP_ROWS_PER_INPUT, lead_samples)
+        batches = list(batches) + extra
     level_of = {w.node: k for k, level in enumerate(levels) for w in level}
     b_names = {na.name: nb.name for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}  # same architecture
     for job in jobs:
@@ -179,7 +237,6 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     rank, world_size = world()
     mine = list(sharded(batches))
     states: list[list[State | None]] = [[None] * (2 + len(jobs)) for _ in mine]
-    todos = [[[w for w in level if w.node not in job.kept_apart] for job in jobs] for level in levels]
     for k, level in enumerate(levels):
         todo = todos[k]
         if not any(todo):  # every model keeps this level apart: its values are reached at a later level
@@ -188,7 +245,8 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
         names = {w.node: w.node for w in level}
         sums: list[dict[str, Sums]] = [{} for _ in jobs]
         needed = {w.node for job_todo in todo for w in job_todo}
-        used = level_batches([w for w in level if w.node in needed], gm_a, batches, positions, world_size)
+        used = level_batches([w for w in level if w.node in needed], gm_a, batches, positions, world_size,
+                             leading)
         samples = sum(batch_samples(b) for b in batches[:used])
         mine_used = sum(rank + i * world_size < used for i in range(len(mine)))
         kept = held_bytes([s for st in states[mine_used:] for s in st])  # held by batches this level skips

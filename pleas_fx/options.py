@@ -60,6 +60,7 @@ class MergeOptions:
     emit: str = "compact"
     distill: int = 0
     distill_lr: float = 3e-4
+    mixup: bool = True
 
     @classmethod
     def validated(cls, budget: float | Sequence[float], data: Any, *, method: str = "pleas", heads: str = "shared",
@@ -72,7 +73,7 @@ class MergeOptions:
                   evaluate: Callable[[torch.nn.Module], float] | None = None,
                   frozen: str | None = None, least_squares: str = "merged",
                   layernorm: str = "per_model", emit: str = "compact", distill: int = 0,
-                  distill_lr: float = 3e-4) -> "MergeOptions":
+                  distill_lr: float = 3e-4, mixup: bool = True) -> "MergeOptions":
         budgets = check_budgets(budget)
         allocation_options = AllocationOptions(allocation, budget_metric, width_grid, allocation_time_limit, proxy,
                                                evaluate)
@@ -93,6 +94,8 @@ class MergeOptions:
             raise PleasError(f"layernorm must be one of {LAYERNORMS}, got {layernorm!r}")
         if emit not in EMITS:
             raise PleasError(f"emit must be one of {EMITS}, got {emit!r}")
+        if not isinstance(mixup, bool):
+            raise PleasError(f"mixup must be True or False, got {mixup!r}")
         if progress is not None and not isinstance(progress, bool):
             raise PleasError(f"progress must be True, False or None (a bar only on a terminal), got {progress!r}")
         for name, value, low in (("max_batches", max_batches, 1), ("generated_batches_count", generated_batches_count, 1),
@@ -115,7 +118,7 @@ class MergeOptions:
             max_batches=max_batches, generated_batches_count=generated_batches_count, ridge=float(ridge),
             max_ls_dim=max_ls_dim, stats_dtype=stats_dtype, positions=positions, progress=progress, seed=seed,
             allocation=allocation_options, frozen=frozen, least_squares=least_squares,
-            layernorm=layernorm, emit=emit, distill=distill, distill_lr=float(distill_lr),
+            layernorm=layernorm, emit=emit, distill=distill, distill_lr=float(distill_lr), mixup=mixup,
         )
 
     @property

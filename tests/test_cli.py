@@ -167,6 +167,21 @@ def test_tensor_file_and_other_checkpoint_formats(files, tmp_path, capsys):
     pleas_fx.load(out / "budget_1.2")
 
 
+def test_no_mixup_turns_the_top_up_off(files, tmp_path, capsys, monkeypatch):
+    seen = {}
+    original = pleas_fx.merge
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pleas_fx, "merge", spy)
+    status, _, err = _run(_merge_args(files, tmp_path / "m", "--budget", "1.2", "--quiet", "--batches", "2",
+                                      "--no-mixup"), capsys)
+    assert status == 0, err
+    assert seen["mixup"] is False
+
+
 @pytest.mark.parametrize("data", ["inputs.npy", "flat", "generated"])
 def test_other_data_sources(files, tmp_path, capsys, data):
     out = tmp_path / "d"

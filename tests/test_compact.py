@@ -254,8 +254,10 @@ def test_attention_projections_become_block_layers():
     x = torch.randn(2, 3, 16, 16, generator=gen)
     data = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(2)]
     for budget in (1.5, 2.0):
-        m = pleas_fx.merge(a, b, x, budget, data, progress=False)
-        d = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense")
+        # (no mixup copies: on 16 samples the head would be re-solved from 2.5 rows per entry,
+        # amplifying the float32 rounding by which the two emissions' activations differ)
+        m = pleas_fx.merge(a, b, x, budget, data, progress=False, mixup=False)
+        d = pleas_fx.merge(a, b, x, budget, data, progress=False, emit="dense", mixup=False)
         assert _stored(m) == m.meta["pleas_fx"]["parameters"] <= budget * _stored(a)
         # merged-input least squares solves on each emission's own float32 activations
         assert relative_error(_run64(m, x), _run64(d, x)) < 1e-6

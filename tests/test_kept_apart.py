@@ -131,8 +131,11 @@ def _prefixes(monkeypatch, on: bool = True):
 
 
 def _merge_outputs(monkeypatch, a, b, x, data, budgets, on: bool):
+    """(Without the data-limited levels' mixup copies: on these 24 samples they make layers
+    re-solved from 1.5-2 rows per entry, whose solves amplify the float32 rounding by which a
+    zipped value may differ from a computed one beyond the comparison's tolerance.)"""
     with _prefixes(monkeypatch, on) as made:
-        merged = pleas_fx.merge(a, b, x, budgets, data, progress=False)
+        merged = pleas_fx.merge(a, b, x, budgets, data, progress=False, mixup=False)
     with torch.no_grad():
         return [m(x) for m in merged], made
 

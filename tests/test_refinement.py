@@ -242,7 +242,8 @@ def test_layers_with_too_few_rows_for_a_re_solve_are_not_measured(monkeypatch):
     input entry; a layer that cannot get them (on 4 images: the head, and the 14x14 conv reading
     64 x 9 inputs from 4 x 196 rows) is not
     measured at all, and its source-input solution stands: the same model as when it was
-    measured and then left as it was."""
+    measured and then left as it was. (Without the data-limited levels' top-up, which would give
+    the conv 8 images: tests/test_mixup.py.)"""
     from pleas_fx.passes import merged_inputs
     a, b, data = nets.digit_resnet_pair(32, 2, 2)
     measured: list[list[str]] = []
@@ -259,7 +260,7 @@ def test_layers_with_too_few_rows_for_a_re_solve_are_not_measured(monkeypatch):
         with monkeypatch.context() as m:
             if not check:  # every layer measured, as before
                 m.setattr(merged_inputs, "row_count", lambda *args: (10**9, 0))
-            merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False)
+            merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False, mixup=False)
         with torch.no_grad():
             outputs.append(merged(data[1]))
     short = set(measured[1]) - set(measured[0])
@@ -280,7 +281,7 @@ class _Mlp(nn.Module):
 def test_a_linear_layer_is_re_solved_from_one_and_a_half_rows_per_merged_input_entry(monkeypatch, rows, measured):
     """fc1's merged input at budget 1 has 20 + 1 entries: re-solved from 1.5 x 21 = 31.5 rows on
     (the source-input solution it would keep instead is fitted to the same rows over 2 x 20 + 1
-    entries), not from 22."""
+    entries), not from 22 (without the top-up of tests/test_mixup.py)."""
     from pleas_fx.passes import merged_inputs
     seen: list[str] = []
     original = merged_inputs.accumulate
@@ -293,5 +294,5 @@ def test_a_linear_layer_is_re_solved_from_one_and_a_half_rows_per_merged_input_e
     torch.manual_seed(0)
     a, b = _Mlp().eval(), _Mlp().eval()
     x = torch.randn(rows, 20, generator=torch.Generator().manual_seed(1))
-    pleas_fx.merge(a, b, x[:2], 1.0, [x], progress=False)
+    pleas_fx.merge(a, b, x[:2], 1.0, [x], progress=False, mixup=False)
     assert ("fc1" in seen) == measured

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--distill", type=int, default=0, metavar="EPOCHS",
                    help="epochs of distillation towards the ensemble on the calibration data after the merge "
                         "(0, the default: off; each costs about three forward passes over DATA)")
+    m.add_argument("--no-mixup", action="store_true",
+                   help="data-limited layers (fewer than 2 calibration rows per merged input entry, e.g. a Linear "
+                        "layer on flattened features) read the leading samples only, no mixup copies")
     m.add_argument("--device", default="cpu", help="torch device for the merge")
     m.add_argument("--seed", type=int, default=0, help="seed for data order and generated data")
     m.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
@@ -276,7 +279,7 @@ def _merge_command(args, argv: list[str]) -> int:
     merged = pleas_fx.merge(
         model_a, model_b, example, list(budgets), data=calibration,
         matching=args.matching, max_batches=args.batches, progress=_progress_enabled(args), seed=args.seed,
-        emit=args.emit, distill=args.distill,
+        emit=args.emit, distill=args.distill, mixup=not args.no_mixup,
     )
     timings["merge"] = time.perf_counter() - t
     if distributed_rank() > 0:  # under torchrun every rank merges; rank 0 writes

@@ -1,0 +1,79 @@
+"""More calibration samples for the data-limited layers of merged-input least squares.
+
+A layer whose calibration samples give only a row or two per entry of its merged input (a
+Linear layer on flattened or pooled features reads one row per sample) nearly interpolates its
+rows, and its solve generalises poorly. Such a level of the refinement (passes/merged_inputs.py
+`top_up_samples`) reads more samples: first the calibration batches past the leading ones, then
+*mixup* copies of the leading batches -- per sample a convex mix (1 - lam) x_i + lam x_j of two
+samples of one batch, lam ~ U[0, MIX_MAX], every floating-point input mixed alike. No labels are
+needed: the least-squares targets are the sources' own activations on the mixed inputs.
+
+Measured on tools/bench_methods.py's digit VGG pairs (3 scenarios, 3 seeds; the first Linear
+layer reads 500 rows for 577 entries of its widest merged input): see docs/DESIGN.md and the
+README. Classifiers with 4-8 rows per entry gained nothing with copies (the VGG's last layer) or
+lost up to 1 point (the digit ResNet's on the rotated pair: mixed inputs lie off the data),
+hence the threshold of passes/merged_inputs.py `TOP_UP_ROWS_PER_INPUT`. Inputs that cannot be
+mixed (integer token ids, masks) get no copies."""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from pleas_fx.passes.positions import batch_samples
+
+MIX_MAX = 0.4  # the partner sample's largest weight: a mixed sample stays mostly one sample
+
+
+def _mixable(batch) -> bool:
+    """Every tensor with the batch's leading size is floating point, and there are two samples."""
+    n = batch_samples(batch)
+    leaves, _ = tree_flatten(batch)
+    batched = [t for t in leaves if torch.is_tensor(t) and t.dim() and t.shape[0] == n]
+    return n >= 2 and bool(batched) and all(t.is_floating_point() for t in batched)
+
+
+def _mixed(batch, gen: torch.Generator):
+    n = batch_samples(batch)
+    partner = torch.randperm(n, generator=gen)
+    lam = torch.rand(n, generator=gen, dtype=torch.float64) * MIX_MAX
+    leaves, spec = tree_flatten(batch)
+    out = []
+    for t in leaves:
+        if torch.is_tensor(t) and t.dim() and t.shape[0] == n:
+            w = lam.to(t.device, t.dtype).view(n, *[1] * (t.dim() - 1))
+            t = (1 - w) * t + w * t[partner.to(t.device)]
+        out.append(t)
+    return tree_unflatten(out, spec)
+
+
+def mixup_batches(batches: list, samples: int, seed: int = 0) -> list:
+    """Mixup copies of `batches` (argument tuples), cycling through them, until they hold at
+    least `samples` samples; [] when no batch can be mixed. Reproducible from `seed` (the same
+    on every rank)."""
+    usable = [b for b in batches if _mixable(b)]
+    if len(usable) < len(batches) or not usable:  # one unmixable batch: its inputs are not all data
+        return []
+    out, seen, k = [], 0, 0
+    while seen < samples:
+        batch = usable[k % len(usable)]
+        gen = torch.Generator().manual_seed(zlib.crc32(f"mixup:{seed}:{k}".encode()))
+        out.append(_mixed(batch, gen))
+        seen += batch_samples(batch)
+        k += 1
+    return out
+
+
+def top_up_batches(rest: list, leading: list, samples: int, seed: int = 0) -> list:
+    """At least `samples` more samples for the data-limited levels: the calibration batches past
+    the leading ones (`rest`) first, then mixup copies of the `leading` batches."""
+    out, seen = [], 0
+    for batch in rest:
+        if seen >= samples:
+            break
+        out.append(batch)
+        seen += batch_samples(batch)
+    if seen < samples:
+        out += mixup_batches(leading, samples - seen, seed)
+    return out
