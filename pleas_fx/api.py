@@ -165,8 +165,8 @@ def merge(
             mode, zero entries kept zero, a fifth of the samples held out and the best epoch
             kept, never worse than the fill on them; skipped at budget 2). Each epoch costs
             about three forward passes of the merged model over the calibration data; on the digit
-            CNN pairs of tools/bench_methods.py, 20 epochs added 1.6-4.3 points at budget 1 and 60
-            epochs 1.7-6.2 (README).
+            ResNet pairs of tools/bench_methods.py, 20 epochs added 1.5-2.8 points at budget 1 and 60
+            epochs 2.8-5.3; on the VGG pairs, nothing at budget 1 and up to 0.4 at 1.5 (README).
         distill_lr: Adam's learning rate for `distill`, decayed to 0 on a cosine.
         mixup: with least_squares="merged" and the user's own data (default True): a layer whose
             calibration samples give fewer than 2 rows per entry of its widest merged input (a
