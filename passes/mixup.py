@@ -48,10 +48,20 @@ def _mixed(batch, gen: torch.Generator):
     return tree_unflatten(out, spec)
 
 
+def _head(batch, n: int):
+    """The first n samples of a batch (every tensor with the batch's leading size cut)."""
+    size = batch_samples(batch)
+    if n >= size:
+        return batch
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([t[:n] if torch.is_tensor(t) and t.dim() and t.shape[0] == size else t for t in leaves],
+                          spec)
+
+
 def mixup_batches(batches: list, samples: int, seed: int = 0) -> list:
-    """Mixup copies of `batches` (argument tuples), cycling through them, until they hold at
-    least `samples` samples; [] when no batch can be mixed. Reproducible from `seed` (the same
-    on every rank)."""
+    """Mixup copies of `batches` (argument tuples), cycling through them, holding `samples`
+    samples (the last copy cut short); [] when no batch can be mixed. Reproducible from `seed`
+    (the same on every rank)."""
     usable = [b for b in batches if _mixable(b)]
     if len(usable) < len(batches) or not usable:  # one unmixable batch: its inputs are not all data
         return []
@@ -59,21 +69,22 @@ def mixup_batches(batches: list, samples: int, seed: int = 0) -> list:
     while seen < samples:
         batch = usable[k % len(usable)]
         gen = torch.Generator().manual_seed(zlib.crc32(f"mixup:{seed}:{k}".encode()))
-        out.append(_mixed(batch, gen))
-        seen += batch_samples(batch)
+        out.append(_head(_mixed(batch, gen), samples - seen))
+        seen += batch_samples(out[-1])
         k += 1
     return out
 
 
 def top_up_batches(rest: list, leading: list, samples: int, seed: int = 0) -> list:
-    """At least `samples` more samples for the data-limited levels: the calibration batches past
-    the leading ones (`rest`) first, then mixup copies of the `leading` batches."""
+    """`samples` more samples for the data-limited levels (fewer where there are none to mix):
+    the calibration batches past the leading ones (`rest`) first, then mixup copies of the
+    `leading` batches; the last batch cut short."""
     out, seen = [], 0
     for batch in rest:
         if seen >= samples:
             break
-        out.append(batch)
-        seen += batch_samples(batch)
+        out.append(_head(batch, samples - seen))
+        seen += batch_samples(out[-1])
     if seen < samples:
         out += mixup_batches(leading, samples - seen, seed)
     return out
