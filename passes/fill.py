@@ -246,9 +246,12 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
             solved = [w for w in weights.nodes if w.solved and (w.node in stats.least_squares or w.node in stats.deferred)]
             jobs = [_job(f, solved) for i, f in enumerate(fillers) if not (exact and exact[i])]
             if jobs:
-                refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
-                       positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype,
-                       top_up=merged_inputs.top_up)
+                note = refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
+                              positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype,
+                              top_up=merged_inputs.top_up)
+                for i, f in enumerate(fillers):
+                    if note is not None and not (exact and exact[i]):
+                        f.notes.append(note)
     if stats is not None:
         stats.cache.pop("source_mean", None)  # (a d^2 matrix: not kept past the fill)
     return [f.notes for f in fillers]

@@ -199,23 +199,28 @@ class Job:
 @torch.no_grad()
 def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: list[list[WeightNode]],
            batches: list, *, positions: int | str | None = AUTO, seed: int = 0, dtype: torch.dtype = torch.float64,
-           cache_bytes: int | None = None, top_up: Callable[[int], list] | None = None) -> None:
+           cache_bytes: int | None = None, top_up: Callable[[int], list] | None = None) -> str | None:
     """Merged-input least squares for every job, level by level (`levels`: weight_levels of model
     A's graph), all jobs in lockstep over `batches` (this rank's share under torch.distributed,
     the sums all-reduced). `positions`: the conv positions each layer's moments read (None: all;
     passes/positions.py). `cache_bytes`: the frontier budget (None: CACHE_BYTES). `top_up(n)`:
     at least n more samples' batches for the data-limited levels (`top_up_samples`;
-    passes/mixup.py `top_up_batches`), None: none."""
+    passes/mixup.py `top_up_batches`), None: none. Returns a note on the top-up read (None:
+    none)."""
     cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
     todos = [[[w for w in level if w.node not in job.kept_apart] for job in jobs] for level in levels]
     leading, lead_samples = len(batches), sum(batch_samples(b) for b in batches)
     want = max((top_up_samples([w for job_todo in todo for w in job_todo], gm_a, lead_samples) for todo in todos),
                default=0)
+    note = None
     if top_up is not None and want > lead_samples:
         extra = top_up(want - lead_samples)
-        log.info("merged-input least squares: the data-limited levels read %d more samples (fewer than %g rows "
-                 "per merged input entry in the leading %d)", sum(batch_samples(b) for b in extra),
-                 TOP_UP_ROWS_PER_INPUT, lead_samples)
+        limited = dict.fromkeys(w.node for todo in todos for t in todo for w in t
+                                if top_up_samples([w], gm_a, lead_samples))  # (the layers, in level order)
+        note = (f"merged-input least squares: the data-limited levels ({', '.join(limited)}) read "
+                f"{sum(batch_samples(b) for b in extra)} more samples (fewer than {TOP_UP_ROWS_PER_INPUT:g} rows "
+                f"per merged input entry in the leading {lead_samples})")
+        log.info("%s", note)
         batches = list(batches) + extra
     level_of = {w.node: k for k, level in enumerate(levels) for w in level}
     b_names = {na.name: nb.name for na, nb in zip(gm_a.graph.nodes, gm_b.graph.nodes)}  # same architecture
@@ -298,3 +303,4 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
             for job, per_job in zip(jobs, sums):
                 if w.node in per_job:
                     job.solve(w, per_job[w.node])
+    return note

@@ -407,6 +407,8 @@ def test_mapped_weights_and_left_out_sites_are_logged_and_reported(caplog):
     with caplog.at_level(logging.INFO, logger="pleas_fx"):
         merged = merge(make(0), make(1), budget=1.2, max_ls_dim=500)
     notes = merged.meta["pleas_fx"]["notes"]
-    assert notes == ["_2 (2.weight): 601 stacked inputs exceed max_ls_dim=500; mapped, not solved"], notes
+    assert notes == ["_2 (2.weight): 601 stacked inputs exceed max_ls_dim=500; mapped, not solved",
+                     "merged-input least squares: the data-limited levels (_0) read 8 more samples (fewer than 2 "
+                     "rows per merged input entry in the leading 10)"], notes
     assert any("1 weight(s) mapped, not solved: _2 (2.weight)" in r.getMessage() for r in caplog.records)
     assert merged.meta["pleas_fx"]["dropped_sites"] == []

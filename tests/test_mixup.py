@@ -105,22 +105,26 @@ def _measured_rows(monkeypatch, mixup: bool, data) -> dict[str, int]:
         return original(prev, w, xm, *args)
 
     monkeypatch.setattr(merged_inputs, "accumulate", spy)
-    pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False, mixup=mixup)
+    merged = pleas_fx.merge(a, b, data[0][:2], 1.0, data, progress=False, mixup=mixup)
+    rows["notes"] = [n for n in merged.meta["pleas_fx"]["notes"] if "data-limited" in n]
     return rows
 
 
 def test_the_data_limited_layer_is_re_solved_from_mixup_copies(monkeypatch, caplog):
     """200 images: the Linear layer (257 merged entries at budget 1) has too few rows for a
-    re-solve (1.5 x 257) without the top-up, and 400 with it; the conv reads the 200."""
+    re-solve (1.5 x 257) without the top-up, and 400 with it; the conv reads the 200. The
+    top-up is logged and noted in the merge report."""
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(50, 1, 8, 8, generator=g) for _ in range(4)]
     kept = [x.clone() for x in data]
     with caplog.at_level(logging.INFO, logger="pleas_fx.passes.merged_inputs"):
         rows = _measured_rows(monkeypatch, True, data)
-    assert rows == {"conv": 200, "fc": 400}
-    assert "read 200 more samples" in caplog.text
+    note = "merged-input least squares: the data-limited levels (fc) read 200 more samples"
+    assert rows == {"conv": 200, "fc": 400, "notes": [note + " (fewer than 2 rows per merged input entry in the "
+                                                       "leading 200)"]}
+    assert note in caplog.text  # logged and in the report's notes
     assert all(torch.equal(x, k) for x, k in zip(data, kept))
-    assert _measured_rows(monkeypatch, False, data) == {"conv": 200}
+    assert _measured_rows(monkeypatch, False, data) == {"conv": 200, "notes": []}
 
 
 def test_a_self_merge_with_the_top_up_recovers_model_a():
