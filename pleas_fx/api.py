@@ -171,10 +171,10 @@ def merge(
         mixup: with least_squares="merged" and the user's own data (default True): a layer whose
             calibration samples give fewer than 2 rows per entry of its widest merged input (a
             Linear layer on flattened features) is fitted on more samples: the calibration batches
-            past the leading 512, then mixup copies of those (two samples of a batch mixed, the
-            partner weighted up to 0.4; floating-point inputs only), at most twice the leading
-            samples (passes/mixup.py; on the digit VGG pairs +0.3 to +0.8 points at budget 1 and
-            +0.1 to +0.4 at 1.5, README). False: every layer reads the leading samples only.
+            past the leading 512, then mixup copies of the leading ones (two samples of a batch
+            mixed, the partner weighted up to 0.4; floating-point inputs only), at most twice the
+            leading samples (passes/mixup.py; on the digit VGG pairs +0.3 to +0.8 points at budget
+            1 and +0.1 to +0.4 at 1.5, README). False: every layer reads the leading samples only.
 
     Returns:
         An eval-mode torch.fx.GraphModule on example_input's device (or a list, one per
