@@ -36,11 +36,11 @@ from typing import Iterable
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 from pleas_fx.core.errors import InternalError, PleasError
 from pleas_fx.core.progress import progress_bar
-from pleas_fx.passes.positions import batch_samples
+from pleas_fx.passes.positions import batch_samples, map_samples
 
 CHUNK = 32  # samples per training step
 HOLDOUT = 5  # one chunk in HOLDOUT is held out
@@ -57,8 +57,7 @@ def chunks(batches: Iterable[tuple], size: int = CHUNK) -> list[tuple]:
         parts = max(1, math.ceil(n / size))
         bounds = [round(i * n / parts) for i in range(parts + 1)]
         for lo, hi in zip(bounds, bounds[1:]):
-            cut = lambda v: v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
-            out.append(tree_map(cut, args))
+            out.append(map_samples(args, lambda v: v[lo:hi]))
     return out
 
 

@@ -244,13 +244,13 @@ def fill_models(models: list[tuple[fx.GraphModule, GroupSpec, dict[int, GroupPla
         _fill_all(fillers, weights, solve)
         if merged_inputs is not None and solve == "least_squares" and stats is not None:
             solved = [w for w in weights.nodes if w.solved and (w.node in stats.least_squares or w.node in stats.deferred)]
-            jobs = [_job(f, solved) for i, f in enumerate(fillers) if not (exact and exact[i])]
-            if jobs:
-                note = refine(jobs, gm_a, gm_b, weight_levels(gm_a, solved), merged_inputs.batches,
-                              positions=merged_inputs.positions, seed=merged_inputs.seed, dtype=merged_inputs.dtype,
-                              top_up=merged_inputs.top_up)
-                for i, f in enumerate(fillers):
-                    if note is not None and not (exact and exact[i]):
+            refined = [f for i, f in enumerate(fillers) if not (exact and exact[i])]
+            if refined:
+                note = refine([_job(f, solved) for f in refined], gm_a, gm_b, weight_levels(gm_a, solved),
+                              merged_inputs.batches, positions=merged_inputs.positions, seed=merged_inputs.seed,
+                              dtype=merged_inputs.dtype, top_up=merged_inputs.top_up)
+                if note is not None:
+                    for f in refined:
                         f.notes.append(note)
     if stats is not None:
         stats.cache.pop("source_mean", None)  # (a d^2 matrix: not kept past the fill)

@@ -210,13 +210,14 @@ def refine(jobs: list[Job], gm_a: fx.GraphModule, gm_b: fx.GraphModule, levels: 
     cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
     todos = [[[w for w in level if w.node not in job.kept_apart] for job in jobs] for level in levels]
     leading, lead_samples = len(batches), sum(batch_samples(b) for b in batches)
-    want = max((top_up_samples([w for job_todo in todo for w in job_todo], gm_a, lead_samples) for todo in todos),
-               default=0)
+    # per refined layer (in level order), the samples it would read as a level of its own: a
+    # level's top-up is its layers' largest
+    wants = {w.node: top_up_samples([w], gm_a, lead_samples) for todo in todos for t in todo for w in t}
+    want = max(wants.values(), default=0)
     note = None
     if top_up is not None and want > lead_samples:
         extra = top_up(want - lead_samples)
-        limited = dict.fromkeys(w.node for todo in todos for t in todo for w in t
-                                if top_up_samples([w], gm_a, lead_samples))  # (the layers, in level order)
+        limited = [name for name, n in wants.items() if n]
         note = (f"merged-input least squares: the data-limited levels ({', '.join(limited)}) read "
                 f"{sum(batch_samples(b) for b in extra)} more samples (fewer than {TOP_UP_ROWS_PER_INPUT:g} rows "
                 f"per merged input entry in the leading {lead_samples})")

@@ -19,57 +19,45 @@ from __future__ import annotations
 import zlib
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from pleas_fx.passes.positions import batch_samples
+from pleas_fx.passes.positions import batch_samples, map_samples, per_sample_tensors
 
 MIX_MAX = 0.4  # the partner sample's largest weight: a mixed sample stays mostly one sample
 
 
 def _mixable(batch) -> bool:
     """Every tensor with the batch's leading size is floating point, and there are two samples."""
-    n = batch_samples(batch)
-    leaves, _ = tree_flatten(batch)
-    batched = [t for t in leaves if torch.is_tensor(t) and t.dim() and t.shape[0] == n]
-    return n >= 2 and bool(batched) and all(t.is_floating_point() for t in batched)
+    batched = per_sample_tensors(batch)
+    return batch_samples(batch) >= 2 and bool(batched) and all(t.is_floating_point() for t in batched)
 
 
 def _mixed(batch, gen: torch.Generator):
     n = batch_samples(batch)
     partner = torch.randperm(n, generator=gen)
     lam = torch.rand(n, generator=gen, dtype=torch.float64) * MIX_MAX
-    leaves, spec = tree_flatten(batch)
-    out = []
-    for t in leaves:
-        if torch.is_tensor(t) and t.dim() and t.shape[0] == n:
-            w = lam.to(t.device, t.dtype).view(n, *[1] * (t.dim() - 1))
-            t = (1 - w) * t + w * t[partner.to(t.device)]
-        out.append(t)
-    return tree_unflatten(out, spec)
+
+    def mix(t: torch.Tensor) -> torch.Tensor:
+        w = lam.to(t.device, t.dtype).view(n, *[1] * (t.dim() - 1))
+        return (1 - w) * t + w * t[partner.to(t.device)]
+
+    return map_samples(batch, mix)
 
 
 def _head(batch, n: int):
-    """The first n samples of a batch (every tensor with the batch's leading size cut)."""
-    size = batch_samples(batch)
-    if n >= size:
-        return batch
-    leaves, spec = tree_flatten(batch)
-    return tree_unflatten([t[:n] if torch.is_tensor(t) and t.dim() and t.shape[0] == size else t for t in leaves],
-                          spec)
+    """The first n samples of a batch."""
+    return batch if n >= batch_samples(batch) else map_samples(batch, lambda t: t[:n])
 
 
 def mixup_batches(batches: list, samples: int, seed: int = 0) -> list:
     """Mixup copies of `batches` (argument tuples), cycling through them, holding `samples`
-    samples (the last copy cut short); [] when no batch can be mixed. Reproducible from `seed`
-    (the same on every rank)."""
-    usable = [b for b in batches if _mixable(b)]
-    if len(usable) < len(batches) or not usable:  # one unmixable batch: its inputs are not all data
+    samples (the last copy cut short); [] when some batch cannot be mixed (its inputs are not all
+    data). Reproducible from `seed` (the same on every rank)."""
+    if not batches or not all(_mixable(b) for b in batches):
         return []
     out, seen, k = [], 0, 0
     while seen < samples:
-        batch = usable[k % len(usable)]
         gen = torch.Generator().manual_seed(zlib.crc32(f"mixup:{seed}:{k}".encode()))
-        out.append(_head(_mixed(batch, gen), samples - seen))
+        out.append(_head(_mixed(batches[k % len(batches)], gen), samples - seen))
         seen += batch_samples(out[-1])
         k += 1
     return out

@@ -25,6 +25,7 @@ import zlib
 from typing import Iterable
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 from pleas_fx.core.ir import WeightNode
 from pleas_fx.passes.patch_plan import exact_is_cheaper, node_output_size, node_pads
@@ -80,6 +81,23 @@ def batch_samples(batch) -> int:
         if n:
             return n
     return 0
+
+
+def _per_sample(value, samples: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == samples
+
+
+def per_sample_tensors(batch) -> list[torch.Tensor]:
+    """A batch's tensors that hold one entry per sample (leading size = `batch_samples`)."""
+    n = batch_samples(batch)
+    return [t for t in tree_leaves(batch) if _per_sample(t, n)]
+
+
+def map_samples(batch, fn):
+    """The batch with `fn` applied to every tensor that holds one entry per sample (slicing,
+    mixing samples); anything else passed whole."""
+    n = batch_samples(batch)
+    return tree_map(lambda t: fn(t) if _per_sample(t, n) else t, batch)
 
 
 def total_samples(batches: Iterable) -> int | None:
