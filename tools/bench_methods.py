@@ -35,6 +35,14 @@ returns every budget from one statistics pass.
 
     nice -n 10 python tools/bench_methods.py            # ~10-15 min on 2 CPU cores
     nice -n 10 python tools/bench_methods.py --quick    # ~3 min: 1 seed, ResNet only
+    nice -n 10 python tools/bench_methods.py --archs resnet vgg --width 64 --threads 1   # ~75 min
+
+`--width` scales every architecture (default 16: 6k-36k parameters per CNN, the quick
+setting). At width 16 the ResNet rows at 1.5x sit 2-5 points below the ensemble: so small a
+network has little to spare once 70% of its units are shared. At width 64 (ResNet stages of
+64 and 128 channels, the scale of the ResNet-20 pairs issue 16 was measured on; 90k-334k
+parameters) the 1.5x gaps are 0.1-1.1 points, but every method is then near the ensemble on the
+VGG rows (docs/bench_quality.md).
 """
 from __future__ import annotations
 
