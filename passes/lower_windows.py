@@ -113,6 +113,13 @@ def _patch_merging_pad(graph: fx.Graph, a: dict) -> fx.Node:
     return graph.call_function(torch.cat, (quarters, -1))
 
 
+# gm.meta key: the qkv biases whose key third is zero in every Swin v2 model (the function zeroes
+# it at run time), so a merged model's stays exactly zero too (passes/fill.py): a fitted value
+# would be rounding, ~1e-16, and on the zero-padded tokens of a window larger than the map,
+# F.normalize (eps 1e-12) would turn those keys from 0 into vectors the real queries attend to
+ZERO_KEY_BIAS = "swin_v2_zero_key_bias"
+
+
 def lower_swin(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with torchvision's Swin leaf functions rewritten as plain ops (module docstring);
     unchanged when there is none. Modifies the traced (private) copy in place: the graph, and the
@@ -129,6 +136,7 @@ def lower_swin(gm: fx.GraphModule) -> fx.GraphModule:
                 bias = getattr_path(gm, a["qkv_bias"].target)
                 with torch.no_grad():
                     bias[bias.numel() // 3: 2 * bias.numel() // 3] = 0
+                gm.meta.setdefault(ZERO_KEY_BIAS, set()).add(a["qkv_bias"].target)
             build = lambda: _attention(gm.graph, gm, a)
         elif _is(node, "_get_relative_position_bias"):
             a = _bound(node)

@@ -188,3 +188,20 @@ def test_a_grid_view_with_size_one_windows_is_not_a_single_head():
     report = describe_groups(a, x, check=True)
     assert report.frozen_hidden_units == 0, report.frozen_by_reason
     assert report.check.max_deviation < 1e-12, report.check
+
+
+def test_swin_v2_key_bias_stays_zero_on_padded_windows():
+    """Swin v2 zeroes its key bias at run time, so padded window tokens have keys of exactly 0;
+    a merged key bias of rounding size (~1e-16) would become, through F.normalize (eps 1e-12),
+    keys the real queries attend to: torchvision's swin_v2_t at 64 px self-merged to 5e-4."""
+    cfg = {"v2": True, "dim": 8, "depths": [2], "heads": [2], "window": [8, 8], "size": 12}  # 6x6 map, 8x8 window
+    a = tiny_swin(cfg, 3)
+    x, data = _data(cfg, 3, n=8)  # enough rows for every layer's least squares
+    gm, _, permuted, _ = nets.permuted_copy(a, x, 5)
+    for dtype, least_squares in ((torch.float32, "merged"), (torch.float64, "source")):
+        one = pleas_fx.merge(gm.to(dtype), permuted.to(dtype), x.to(dtype), 1.0, [d.to(dtype) for d in data],
+                             least_squares=least_squares, progress=False)
+        biases = [p for n, p in one.named_parameters() if n.endswith("qkv.bias") or n.endswith("qkv_bias")]
+        assert biases and all(torch.equal(b[len(b) // 3: 2 * len(b) // 3], torch.zeros_like(b[: len(b) // 3]))
+                              for b in biases)
+        assert relative_error(nets.run(one, x.to(dtype)), nets.run(a.to(dtype), x.to(dtype))) < 1e-6
