@@ -29,7 +29,7 @@ from pleas_fx.passes.grouped_solve import solve_grouped
 from pleas_fx.passes.kept_apart import ActivationZip, kept_apart_layers, kept_apart_values
 from pleas_fx.passes.linalg import (SOLVES, kept_apart_solution, safe_inverse, solve_layer, source_targets,
                                    zip_tensors)
-from pleas_fx.passes.lower_windows import ZERO_KEY_BIAS
+from pleas_fx.passes.lower_windows import ZERO_KEY_BIAS, zero_key_bias
 from pleas_fx.passes.merged_inputs import MIN_ROWS_PER_INPUT, Job, refine, weight_levels
 from pleas_fx.passes.positions import AUTO
 from pleas_fx.passes.statistics import Statistics
@@ -141,8 +141,7 @@ class _Filler:
         if sol.fallback:
             self.notes.append(f"{w.node}: least squares ill-conditioned; used the mapped weights")
         if w.bias in self.gm_a.meta.get(ZERO_KEY_BIAS, ()):  # Swin v2: the key third stays exactly zero
-            third = sol.bias.shape[0] // 3
-            sol.bias[third:2 * third] = 0
+            zero_key_bias(sol.bias)
         shape = tensor_shape(self.merged, w.weight)
         if norm:
             (sa, _), (sb, _) = self.norm_affine(norm)

@@ -120,6 +120,12 @@ def _patch_merging_pad(graph: fx.Graph, a: dict) -> fx.Node:
 ZERO_KEY_BIAS = "swin_v2_zero_key_bias"
 
 
+def zero_key_bias(bias: torch.Tensor) -> None:
+    """Zero, in place, the key third of a Swin v2 qkv bias (laid out [q | k | v])."""
+    third = bias.shape[0] // 3
+    bias[third:2 * third] = 0
+
+
 def lower_swin(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with torchvision's Swin leaf functions rewritten as plain ops (module docstring);
     unchanged when there is none. Modifies the traced (private) copy in place: the graph, and the
@@ -133,9 +139,8 @@ def lower_swin(gm: fx.GraphModule) -> fx.GraphModule:
                 log.info("%s: shifted_window_attention left opaque (%s); its axes stay frozen", node.name, why)
                 continue
             if a["logit_scale"] is not None and a["qkv_bias"] is not None:
-                bias = getattr_path(gm, a["qkv_bias"].target)
                 with torch.no_grad():
-                    bias[bias.numel() // 3: 2 * bias.numel() // 3] = 0
+                    zero_key_bias(getattr_path(gm, a["qkv_bias"].target))
                 gm.meta.setdefault(ZERO_KEY_BIAS, set()).add(a["qkv_bias"].target)
             build = lambda: _attention(gm.graph, gm, a)
         elif _is(node, "_get_relative_position_bias"):
